@@ -1,0 +1,3 @@
+"""bootc-unified: unified storage for image-based Linux systems."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from bootc_unified.cli import main
+
+sys.exit(main())

@@ -1,0 +1,114 @@
+"""`bootc-unified internals ...`: low-level verbs used by people debugging and by outside checks.
+
+Groups: `verity` (fs-verity digests) and `cfs` (the composefs repository); other groups live in
+their own modules and are added in `register`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from bootc_unified import verity
+from bootc_unified.errors import UserError
+
+from . import cstor
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("internals", help="low-level verbs (verity, cfs, cstor)")
+    groups = p.add_subparsers(dest="group", required=True, metavar="GROUP")
+    _register_verity(groups)
+    _register_cfs(groups)
+    cstor.register(groups)
+
+
+# --- verity -----------------------------------------------------------------------------------
+
+
+def _register_verity(groups: Any) -> None:
+    p = groups.add_parser("verity", help="fs-verity digests")
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    d = verbs.add_parser("digest", help="print fs-verity digests like `fsverity digest`")
+    d.add_argument("--hash", choices=["sha256", "sha512"], default="sha256")
+    d.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    d.set_defaults(func=_verity_digest)
+
+
+def _verity_digest(args: argparse.Namespace) -> int:
+    alg = verity.HashAlg.from_name(args.hash)
+    for path in args.files:
+        _check_regular(path)
+        try:
+            digest = verity.digest_file(path, alg)
+        except OSError as e:
+            raise UserError(f"{path}: {e.strerror}") from e
+        print(f"{alg.label}:{digest.hex()} {path}")
+    return 0
+
+
+def _check_regular(path: Path) -> None:
+    from bootc_unified.repository.objects import check_source_file
+
+    check_source_file(path)
+
+
+# --- cfs --------------------------------------------------------------------------------------
+
+
+def _register_cfs(groups: Any) -> None:
+    p = groups.add_parser("cfs", help="the composefs repository")
+    p.add_argument("--repo", type=Path, required=True, metavar="DIR")
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    init = verbs.add_parser("init", help="create a repository")
+    init.add_argument("--hash", choices=["sha256", "sha512"], default="sha512")
+    init.add_argument("--insecure", action="store_true", help="no fs-verity on objects")
+    init.set_defaults(func=_cfs_init)
+
+    add = verbs.add_parser("add", help="add files as objects (reflink, else hardlink, else copy)")
+    add.add_argument("--zerocopy", action="store_true", help="fail rather than copy data")
+    add.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    add.set_defaults(func=_cfs_add)
+
+    fsck = verbs.add_parser("fsck", help="check every object against its name")
+    fsck.set_defaults(func=_cfs_fsck)
+
+
+def _cfs_init(args: argparse.Namespace) -> int:
+    from bootc_unified.repository import Repository
+
+    repo = Repository.init(args.repo, verity.HashAlg.from_name(args.hash), insecure=args.insecure)
+    print(json.dumps({"repo": str(repo.path), "algorithm": repo.meta.algorithm, "insecure": repo.insecure}))
+    return 0
+
+
+def _cfs_add(args: argparse.Namespace) -> int:
+    from bootc_unified.repository import Repository
+
+    repo = Repository.open(args.repo)
+    with repo.writer_lock():
+        for path in args.files:
+            result = repo.ensure_object_from_file(path, zerocopy=args.zerocopy)
+            out = {
+                "path": str(path),
+                "object_id": result.object_id,
+                "method": result.method.value,
+                "bytes": result.size,
+            }
+            print(json.dumps(out), flush=True)
+    return 0
+
+
+def _cfs_fsck(args: argparse.Namespace) -> int:
+    from bootc_unified.repository import Repository
+
+    repo = Repository.open(args.repo)
+    report = repo.fsck()
+    for problem in report.problems:
+        print(problem)
+    print(f"fsck: {report.objects} objects checked, {len(report.problems)} problems", file=sys.stderr)
+    return 0 if report.ok else 1

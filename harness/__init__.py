@@ -1,0 +1,1 @@
+"""The bootc-unified test harness: real filesystems, a local registry, VMs."""

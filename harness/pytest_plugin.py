@@ -1,0 +1,90 @@
+"""pytest plugin: tiers, the `--fs` selection, loop filesystems that always get cleaned up.
+
+In CI (`CI=true`) a missing prerequisite fails the test; elsewhere it skips with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from harness.loopfs import KINDS, LoopFs, missing_prerequisites
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(problems: list[str], what: str) -> None:
+    """Fail (CI) or skip (elsewhere) when `problems` is not empty."""
+    if not problems:
+        return
+    message = f"{what} needs: {'; '.join(problems)}"
+    if in_ci():
+        pytest.fail(f"prerequisite missing in CI: {message}", pytrace=False)
+    pytest.skip(message)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("bootc-unified")
+    group.addoption(
+        "--fs",
+        default=",".join(KINDS),
+        help=f"comma-separated loop filesystems to run on (default: {','.join(KINDS)})",
+    )
+
+
+def selected_kinds(config: pytest.Config) -> list[str]:
+    kinds = [k.strip() for k in str(config.getoption("--fs")).split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise pytest.UsageError(f"--fs: unknown filesystem {', '.join(unknown)}; choose from {KINDS}")
+    return kinds
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize `fs_kind` over the selected filesystems, narrowed by @pytest.mark.fs(...)."""
+    if "fs_kind" not in metafunc.fixturenames:
+        return
+    kinds = selected_kinds(metafunc.config)
+    marker = metafunc.definition.get_closest_marker("fs")
+    if marker is not None:
+        kinds = [k for k in kinds if k in marker.args]
+    metafunc.parametrize("fs_kind", kinds)
+
+
+LoopFsFactory = Callable[..., LoopFs]
+
+
+@pytest.fixture
+def loopfs_factory(tmp_path: Path) -> Iterator[LoopFsFactory]:
+    """Make loop filesystems on demand: factory(kind, name=None, size=...). All unmounted at teardown."""
+    made: list[LoopFs] = []
+    counter = iter(range(1_000_000))
+
+    def factory(kind: str, name: str | None = None, size: int | None = None) -> LoopFs:
+        require(missing_prerequisites((kind,)), f"a loop {kind} filesystem")
+        fs = LoopFs.create(
+            kind, tmp_path / "loopfs", name=name or f"{kind}{next(counter)}", **({"size": size} if size else {})
+        )
+        made.append(fs)
+        return fs
+
+    yield factory
+    errors = []
+    for fs in reversed(made):
+        try:
+            fs.close()
+        except Exception as e:  # keep cleaning the rest
+            errors.append(e)
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture
+def loopfs(fs_kind: str, loopfs_factory: LoopFsFactory) -> LoopFs:
+    """A fresh, mounted loop filesystem of the parametrized kind."""
+    return loopfs_factory(fs_kind)
