@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from harness.loopfs import KINDS, LoopFs, missing_prerequisites
+from harness.registry import Registry
+from harness.registry import missing_prerequisites as registry_missing
 
 
 def in_ci() -> bool:
@@ -68,7 +70,10 @@ def loopfs_factory(tmp_path: Path) -> Iterator[LoopFsFactory]:
     def factory(kind: str, name: str | None = None, size: int | None = None) -> LoopFs:
         require(missing_prerequisites((kind,)), f"a loop {kind} filesystem")
         fs = LoopFs.create(
-            kind, tmp_path / "loopfs", name=name or f"{kind}{next(counter)}", **({"size": size} if size else {})
+            kind,
+            tmp_path / "loopfs",
+            name=name or f"{kind}{next(counter)}",
+            **({"size": size} if size else {}),
         )
         made.append(fs)
         return fs
@@ -88,3 +93,14 @@ def loopfs_factory(tmp_path: Path) -> Iterator[LoopFsFactory]:
 def loopfs(fs_kind: str, loopfs_factory: LoopFsFactory) -> LoopFs:
     """A fresh, mounted loop filesystem of the parametrized kind."""
     return loopfs_factory(fs_kind)
+
+
+# --- local registry and test images (session-scoped, one per xdist worker) ---------------------
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """A docker-registry on 127.0.0.1:<free port> with storage in a temporary directory."""
+    require(registry_missing(), "a local registry")
+    with Registry.start(tmp_path_factory.mktemp("registry")) as reg:
+        yield reg

@@ -1,0 +1,189 @@
+"""A local OCI registry on loopback: Debian's `docker-registry` with filesystem storage.
+
+`Registry.start(workdir)` writes a config, starts the registry on 127.0.0.1 on a free port, waits
+until `GET /v2/` answers and returns; `stop()` terminates exactly the process it started. Storage
+lives in `workdir/data` (the caller owns `workdir`). Nothing listens on anything but 127.0.0.1: the
+config sets only `http.addr`, and the debug and metrics listeners stay off.
+
+By hand: `python -m harness.registry [--dir DIR]` prints the address and serves until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+BINARY = "/usr/bin/docker-registry"
+HOST = "127.0.0.1"
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+def missing_prerequisites() -> list[str]:
+    """What stops a local registry from running here, one phrase each (empty: all good)."""
+    if not os.access(BINARY, os.X_OK):
+        return [f"{BINARY} (Debian package docker-registry)"]
+    return []
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def config_yaml(storage: Path, port: int) -> str:
+    # JSON strings are valid YAML scalars, so paths with odd characters stay quoted correctly.
+    return "\n".join(
+        [
+            "version: 0.1",
+            "log:",
+            "  level: warn",
+            "  accesslog:",
+            "    disabled: true",
+            "storage:",
+            "  filesystem:",
+            f"    rootdirectory: {json.dumps(str(storage))}",
+            "  delete:",
+            "    enabled: true",
+            "http:",
+            f"  addr: {json.dumps(f'{HOST}:{port}')}",
+            f"  secret: {json.dumps(secrets.token_hex(16))}",
+            "",
+        ]
+    )
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/v2/", timeout=2) as resp:
+            return int(resp.status) == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@dataclass
+class Registry:
+    workdir: Path
+    port: int
+    process: subprocess.Popen[bytes] = field(repr=False)
+    log: Path = field(repr=False)
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    @classmethod
+    def start(cls, workdir: Path, attempts: int = 3) -> Registry:
+        """Start a registry storing into `workdir/data`; retry on another port if one was taken."""
+        problems = missing_prerequisites()
+        if problems:
+            raise RegistryError(f"cannot start a registry: {'; '.join(problems)}")
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "data").mkdir(exist_ok=True)
+        last = ""
+        for _ in range(attempts):
+            try:
+                return cls._start_once(workdir, free_port())
+            except RegistryError as e:
+                last = str(e)
+        raise RegistryError(last)
+
+    @classmethod
+    def _start_once(cls, workdir: Path, port: int) -> Registry:
+        config = workdir / "config.yml"
+        config.write_text(config_yaml(workdir / "data", port))
+        log = workdir / "registry.log"
+        # Environment variables named REGISTRY_* override the config file: never inherit them.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+        with open(log, "ab") as logf:
+            proc = subprocess.Popen(
+                [BINARY, "serve", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # Ctrl-C in a terminal goes to us, not to it
+            )
+        reg = cls(workdir, port, proc, log)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+                raise RegistryError(f"registry on {reg.address} exited with {proc.returncode}: {tail[0]}")
+            if _answers(reg.url):
+                return reg
+            time.sleep(0.05)
+        reg.stop()
+        raise RegistryError(f"registry on {reg.address} did not answer GET /v2/ within {START_TIMEOUT:.0f} s")
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        """Terminate the registry process by its own PID; safe to call more than once."""
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(
+        self, typ: type[BaseException] | None, val: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.registry", description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, help="storage and config directory (default: a temporary one)")
+    args = parser.parse_args(argv)
+    workdir: Path = args.dir or Path(tempfile.mkdtemp(prefix="registry-"))
+    try:
+        reg = Registry.start(workdir)
+    except RegistryError as e:
+        print(f"registry: {e}", file=sys.stderr)
+        return 1
+    with reg:
+        print(reg.address, flush=True)
+        print(f"serving {reg.url} from {workdir}; Ctrl-C to stop", file=sys.stderr, flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            reg.process.wait()
+    if args.dir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
