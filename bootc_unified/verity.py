@@ -50,7 +50,7 @@ class HashAlg(enum.Enum):
                 return alg
         raise ValueError(f"unknown fs-verity hash algorithm id {kernel_id}")
 
-    def hasher(self) -> Callable[[bytes | memoryview], hashlib._Hash]:
+    def hasher(self) -> Callable[[bytes | bytearray | memoryview], hashlib._Hash]:
         return hashlib.sha256 if self is HashAlg.SHA256 else hashlib.sha512
 
 
@@ -218,7 +218,7 @@ def probe(directory: str | os.PathLike[str]) -> Support:
     try:
         fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
     except OSError as e:
-        return Support(False, f"cannot create a temporary file in {os.fspath(directory)}: {e.strerror}")
+        return Support(False, f"cannot create a temporary file there: {e.strerror}")
     try:
         os.write(fd, b"probe")
         ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
@@ -226,9 +226,9 @@ def probe(directory: str | os.PathLike[str]) -> Support:
         fd = ro
         enable(fd, HashAlg.SHA256)
     except VerityUnsupported as e:
-        return Support(False, f"fs-verity is not available on {os.fspath(directory)}: {e}")
+        return Support(False, f"fs-verity is not available on this filesystem or kernel ({e})")
     except OSError as e:
-        return Support(False, f"fs-verity could not be enabled on {os.fspath(directory)}: {e.strerror}")
+        return Support(False, f"fs-verity could not be enabled on a probe file ({e.strerror})")
     finally:
         os.close(fd)
     return Support(True, "fs-verity enabled on a probe file")

@@ -6,6 +6,8 @@ In CI (`CI=true`) a missing prerequisite fails the test; elsewhere it skips with
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -104,3 +106,18 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     require(registry_missing(), "a local registry")
     with Registry.start(tmp_path_factory.mktemp("registry")) as reg:
         yield reg
+
+
+CLI = [sys.executable, "-m", "bootc_unified"]
+
+
+def run_cli(
+    *args: str | os.PathLike[str], check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `bootc-unified ARGS...` from this interpreter's environment, capturing text output."""
+    proc = subprocess.run(
+        [*CLI, *map(str, args)], capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"bootc-unified {' '.join(map(str, args))} failed: {proc.stderr.strip()}")
+    return proc

@@ -33,6 +33,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except BrokenPipeError:
         return 1
+    except OSError as e:  # a safety net: anything the layers below did not word themselves
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"bootc-unified: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     return rc or 0
 
 

@@ -1,0 +1,26 @@
+"""Named crash points for crash-safety tests.
+
+A crash between two syscalls cannot be caused from outside with any precision, so tests set
+BOOTC_UNIFIED_CRASH_AT=<point>[:<n>] and the process kills itself with SIGKILL (a real, uncatchable
+kill) the n-th time (default: first) it reaches that point. Unset, `point()` costs a dict lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "BOOTC_UNIFIED_CRASH_AT"
+_hits: dict[str, int] = {}
+
+
+def point(name: str) -> None:
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    target, _, nth = spec.partition(":")
+    if target != name:
+        return
+    _hits[name] = _hits.get(name, 0) + 1
+    if _hits[name] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)

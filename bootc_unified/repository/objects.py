@@ -1,0 +1,246 @@
+"""Content-addressed objects: `objects/XX/<rest>` named by fs-verity digest.
+
+Every object is written into an O_TMPFILE (invisible until linked), finalised (fs-verity enabled
+unless the repository is insecure), then linked into place with linkat; no partial object is ever
+visible. File data is shared rather than copied where the filesystem allows: reflink (FICLONE),
+else a hardlink to the source inode, else a copy.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from bootc_unified import faults, verity, zerocopy
+from bootc_unified.errors import UserError
+from bootc_unified.verity import HashAlg
+
+_FILE_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFLNK: "a symlink",
+}
+
+
+class Method(enum.Enum):
+    REFLINKED = "reflinked"
+    HARDLINKED = "hardlinked"
+    COPIED = "copied"
+    PRESENT = "already-present"
+
+
+@dataclass(frozen=True)
+class ObjectResult:
+    object_id: str
+    method: Method
+    size: int
+
+
+def describe_kind(mode: int) -> str:
+    return _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def open_source(path: Path) -> int:
+    """Open a regular file for reading, refusing symlinks, devices, FIFOs and directories.
+
+    Opened with O_NOFOLLOW|O_NONBLOCK so neither a symlink nor a FIFO is followed or waited on.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError(f"{path}: is a symlink; objects are made from regular files") from e
+        if e.errno == errno.ENOENT:
+            raise UserError(f"{path}: no such file") from e
+        if e.errno in (errno.ENXIO, errno.ENODEV):
+            raise UserError(f"{path}: is not a regular file") from e
+        raise UserError(f"{path}: cannot open: {e.strerror}") from e
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise UserError(f"{path}: is {describe_kind(mode)}; objects are made from regular files")
+    return fd
+
+
+_root_fd: int | None = None
+
+
+def link_fd(fd: int, dest: Path) -> None:
+    """linkat(2) the inode behind an open fd (an O_TMPFILE too) to `dest`.
+
+    os.link() only calls linkat with AT_SYMLINK_FOLLOW, which /proc/self/fd/N needs, when it is given
+    a dir_fd; the paths are absolute, so the dir_fd itself is never used.
+    """
+    global _root_fd
+    if _root_fd is None:
+        _root_fd = os.open("/", os.O_PATH | os.O_CLOEXEC)
+    os.link(f"/proc/self/fd/{fd}", dest, src_dir_fd=_root_fd, follow_symlinks=True)
+
+
+def check_source_file(path: Path) -> None:
+    os.close(open_source(path))
+
+
+class ObjectStore:
+    """The `objects/` directory of a repository."""
+
+    def __init__(self, root: Path, alg: HashAlg, insecure: bool) -> None:
+        self.root = root
+        self.dir = root / "objects"
+        self.alg = alg
+        self.insecure = insecure
+        self._dev = os.stat(self.dir).st_dev
+
+    def path_of(self, object_id: str) -> Path:
+        return self.dir / object_id[:2] / object_id[2:]
+
+    def __contains__(self, object_id: str) -> bool:
+        return self.path_of(object_id).exists()
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def _tmpfile(self) -> int:
+        return os.open(self.dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644)
+
+    def _reopen_readonly(self, fd: int) -> int:
+        """A read-only fd on the same inode; the caller closes the writable one (verity wants no writers)."""
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+
+    def _finalize(self, fd: int, method: Method, size: int) -> ObjectResult:
+        """Seal a written tmpfile (verity or userspace digest) and link it into place. Closes fd."""
+        ro = self._reopen_readonly(fd)
+        os.close(fd)
+        try:
+            object_id = self._seal(ro).hex()
+            if self._link(ro, object_id):
+                return ObjectResult(object_id, method, size)
+            return ObjectResult(object_id, Method.PRESENT, size)
+        finally:
+            os.close(ro)
+
+    def _seal(self, ro: int) -> bytes:
+        """The object's ID: the kernel's measurement after enabling verity, or a userspace digest."""
+        if self.insecure:
+            return verity.digest_fd(ro, self.alg)
+        try:
+            verity.enable(ro, self.alg)
+        except verity.VerityUnsupported as e:
+            raise UserError(
+                f"{self.root}: repository requires fs-verity but the filesystem has none ({e}); "
+                "re-create it with --insecure"
+            ) from e
+        measured = verity.measure(ro)
+        if measured is None or measured[0] is not self.alg:
+            raise UserError(
+                f"{self.root}: fs-verity was enabled but the kernel reports no {self.alg.label} digest"
+            )
+        return measured[1]
+
+    def _link(self, fd: int, object_id: str) -> bool:
+        """linkat the inode behind fd to its object path; False if the object already exists."""
+        dest = self.path_of(object_id)
+        dest.parent.mkdir(exist_ok=True)
+        if dest.exists():
+            return False
+        faults.point("object-before-link")
+        try:
+            link_fd(fd, dest)
+        except FileExistsError:
+            return False
+        faults.point("object-after-link")
+        return True
+
+    def ensure_object(self, data: bytes) -> ObjectResult:
+        """Store bytes as an object (written, not shared)."""
+        object_id = verity.digest_bytes(data, self.alg).hex()
+        if object_id in self:
+            return ObjectResult(object_id, Method.PRESENT, len(data))
+        fd = self._tmpfile()
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except BaseException:
+            os.close(fd)
+            raise
+        result = self._finalize(fd, Method.COPIED, len(data))
+        if result.object_id != object_id:
+            raise UserError(
+                f"{self.root}: object digest changed while writing ({object_id} != {result.object_id})"
+            )
+        return result
+
+    def ensure_object_from_file(self, path: Path, zerocopy_only: bool = False) -> ObjectResult:
+        """Store a file's content as an object: reflink, else hardlink, else copy.
+
+        Hardlink is taken only on the same filesystem and only where fs-verity can be enabled on the
+        source (or the repository is insecure). With `zerocopy_only`, refuse to copy.
+        """
+        src = open_source(path)
+        try:
+            return self._from_fd(src, path, zerocopy_only)
+        except OSError as e:
+            raise UserError(f"{path}: {e.strerror or e}") from e
+        finally:
+            os.close(src)
+
+    def _from_fd(self, src: int, path: Path, zerocopy_only: bool) -> ObjectResult:
+        st = os.fstat(src)
+        size = st.st_size
+        tmp = self._tmpfile()
+        try:
+            cloned = zerocopy.reflink(src, tmp)
+        except BaseException:
+            os.close(tmp)
+            raise
+        if cloned:
+            return self._finalize(tmp, Method.REFLINKED, size)
+        os.close(tmp)
+
+        if st.st_dev == self._dev:
+            object_id = self._source_digest(src)
+            if object_id is not None:
+                if self._link(src, object_id):
+                    return ObjectResult(object_id, Method.HARDLINKED, size)
+                return ObjectResult(object_id, Method.PRESENT, size)
+
+        if zerocopy_only:
+            if st.st_dev != self._dev:
+                raise UserError(
+                    f"{path}: cannot add without copying: it is on another filesystem than the repository"
+                )
+            raise UserError(
+                f"{path}: cannot add without copying: the filesystem cannot reflink, and fs-verity "
+                "cannot be enabled on the file for a hardlink (the repository is not --insecure)"
+            )
+        tmp = self._tmpfile()
+        try:
+            zerocopy.copy_data(src, tmp, size)
+        except BaseException:
+            os.close(tmp)
+            raise
+        return self._finalize(tmp, Method.COPIED, size)
+
+    def _source_digest(self, src: int) -> str | None:
+        """The object ID to hardlink the source under, or None if hardlinking is not allowed.
+
+        An insecure repository takes a userspace digest; otherwise fs-verity is enabled on the source
+        in place (it is immutable from then on) and the kernel's measurement is the ID.
+        """
+        if self.insecure:
+            return verity.digest_fd(src, self.alg).hex()
+        try:
+            verity.enable(src, self.alg)
+            measured = verity.measure(src)
+        except (verity.VerityUnsupported, OSError):
+            return None  # no verity here, or a writer has the file open (ETXTBSY): don't link it
+        if measured is None or measured[0] is not self.alg:
+            return None
+        return measured[1].hex()
