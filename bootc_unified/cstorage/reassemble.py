@@ -1,0 +1,140 @@
+"""Rebuild a layer's tar stream bit-exactly from its tar-split and its overlay diff/ directory.
+
+Segments are written verbatim; each file entry contributes `size` bytes read from diff/<name>,
+checked against the entry's CRC-64/ISO. The whole stream is hashed with sha256 as it is produced:
+equal to the layer's DiffID means the store's content is exactly what was pulled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from bootc_unified.errors import UserError
+
+from .store import Layer
+from .tarsplit import FileEntry, Segment, TarSplitError, crc64_iso, read_entries
+
+CHUNK = 1 << 20
+
+
+class Sink(Protocol):
+    def write(self, data: bytes | bytearray | memoryview, /) -> int: ...
+
+
+class LayerDigestMismatch(UserError):
+    """The reassembled tar does not hash to the layer's DiffID."""
+
+
+@dataclass(frozen=True)
+class Reassembly:
+    digest: str  # "sha256:<hex>" of the reassembled tar
+    size: int  # bytes of tar produced
+    files: int  # file entries with content
+    file_bytes: int  # content bytes read from diff/
+
+
+def content_path(diff_dir: bytes, name: bytes) -> bytes:
+    """diff/<name> for a tar entry name; refuses names that climb out of diff/."""
+    parts = [p for p in name.split(b"/") if p not in (b"", b".")]
+    if not parts or b".." in parts:
+        raise ValueError(f"unsafe entry name {name!r}")
+    return os.path.join(diff_dir, *parts)
+
+
+class _Copier:
+    """Streams file contents into the hash and the sink with one reusable 1 MiB buffer."""
+
+    def __init__(self, sink: Sink | None) -> None:
+        self.sink = sink
+        self.buf = bytearray(CHUNK)
+        self.view = memoryview(self.buf)
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def segment(self, data: bytes) -> None:
+        self.sha.update(data)
+        if self.sink is not None:
+            self.sink.write(data)
+        self.size += len(data)
+
+    def file(self, path: bytes, entry: FileEntry, where: str) -> None:
+        shown = os.fsdecode(path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise UserError(f"{where}: diff file {shown} is missing") from None
+        except OSError as e:
+            raise UserError(f"{where}: diff file {shown}: {e.strerror}") from e
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UserError(f"{where}: diff file {shown} is not a regular file")
+            if st.st_size != entry.size:
+                raise UserError(
+                    f"{where}: diff file {shown} is {st.st_size} bytes, tar-split says {entry.size}"
+                )
+            crc: int | None = None
+            remaining = entry.size
+            sha_update = self.sha.update
+            sink = self.sink
+            while remaining:
+                chunk = self.view[: min(remaining, CHUNK)]
+                n = os.readv(fd, [chunk])
+                if n == 0:
+                    raise UserError(f"{where}: diff file {shown} ended {remaining} bytes early")
+                data = chunk[:n]
+                sha_update(data)
+                crc = crc64_iso(data, crc)
+                if sink is not None:
+                    sink.write(data)
+                remaining -= n
+        finally:
+            os.close(fd)
+        if (
+            entry.crc is not None
+            and (crc if crc is not None else crc64_iso(b"")).to_bytes(8, "big") != entry.crc
+        ):
+            raise TarSplitError(f"{where}: CRC-64 of diff file {shown} does not match tar-split")
+        self.size += entry.size
+
+
+def reassemble_stream(tar_split: Path, diff_dir: Path, label: str, sink: Sink | None) -> Reassembly:
+    """Reassemble the tar described by `tar_split` with contents from `diff_dir` into `sink`."""
+    if not diff_dir.is_dir():
+        raise UserError(f"layer {label}: diff directory {diff_dir} is missing")
+    if not tar_split.is_file():
+        raise UserError(f"layer {label}: tar-split {tar_split} is missing")
+    base = os.fsencode(diff_dir)
+    copier = _Copier(sink)
+    files = file_bytes = 0
+    for entry in read_entries(tar_split, label):
+        if isinstance(entry, Segment):
+            copier.segment(entry.data)
+            continue
+        if entry.size == 0:
+            continue
+        where = f"layer {label}: tar-split entry {entry.position} ({entry.display_name})"
+        try:
+            path = content_path(base, entry.name)
+        except ValueError as e:
+            raise TarSplitError(f"{where}: {e}") from e
+        copier.file(path, entry, where)
+        files += 1
+        file_bytes += entry.size
+    return Reassembly("sha256:" + copier.sha.hexdigest(), copier.size, files, file_bytes)
+
+
+def reassemble(layer: Layer, sink: Sink | None = None, *, verify: bool = True) -> Reassembly:
+    """Reassemble `layer` into `sink` (None: only hash it); with `verify`, raise LayerDigestMismatch
+    unless the result hashes to the layer's DiffID. Hold the store's read lock around this."""
+    result = reassemble_stream(layer.tar_split_path, layer.diff_path, layer.label, sink)
+    if verify and result.digest != layer.diff_id:
+        raise LayerDigestMismatch(
+            f"layer {layer.label}: reassembled tar has digest {result.digest}, expected the DiffID"
+        )
+    return result
