@@ -16,6 +16,8 @@ import pytest
 from harness.loopfs import KINDS, LoopFs, missing_prerequisites
 from harness.registry import Registry
 from harness.registry import missing_prerequisites as registry_missing
+from harness.testimages import TestImages, build_and_push
+from harness.testimages import missing_prerequisites as testimages_missing
 
 
 def in_ci() -> bool:
@@ -121,3 +123,10 @@ def run_cli(
     if check and proc.returncode != 0:
         raise AssertionError(f"bootc-unified {' '.join(map(str, args))} failed: {proc.stderr.strip()}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def test_images(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> TestImages:
+    """The images of images/testimages/, built with buildah and pushed (gzip and zstd) to `registry`."""
+    require(testimages_missing(), "building test images")
+    return build_and_push(registry.address, tmp_path_factory.mktemp("testimages"))

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import io
 import json
+import os
 import socket
+import stat
 import subprocess
 import sys
+import tarfile
 import urllib.request
 from pathlib import Path
 
@@ -14,6 +20,13 @@ import pytest
 from harness.pytest_plugin import require
 from harness.registry import Registry, missing_prerequisites
 from harness.run import run
+from harness.scratchpodman import ScratchPodman
+from harness.testimages import Expected, TestImages, fetch_manifest
+
+
+def run_bytes(argv: list[str], data: bytes) -> bytes:
+    return subprocess.run(argv, input=data, capture_output=True, check=True).stdout
+
 
 pytestmark = pytest.mark.storage
 
@@ -131,3 +144,105 @@ def _write_oci_layout(layout: Path, layer_tar: Path) -> None:
         ],
     }
     (layout / "index.json").write_text(json.dumps(index))
+
+
+# --- the test images, checked against their definitions through an independent reader ---------
+
+
+def _walk(root: Path) -> dict[bytes, os.stat_result]:
+    out = {}
+    broot = os.fsencode(root)
+    for dirpath, dirnames, filenames in os.walk(broot):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            out[os.path.relpath(full, broot)] = os.lstat(full)
+    return out
+
+
+TYPES = {
+    "file": stat.S_ISREG,
+    "dir": stat.S_ISDIR,
+    "symlink": stat.S_ISLNK,
+    "fifo": stat.S_ISFIFO,
+    "chardev": stat.S_ISCHR,
+}
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_images_match_their_definitions(test_images: TestImages, compression: str, tmp_path: Path) -> None:
+    """Pull each image with plain podman into a scratch store, mount it, compare with the oracle."""
+    store = ScratchPodman(tmp_path)
+    try:
+        for image in test_images.images.values():
+            store("pull", "-q", "--tls-verify=false", image.refs[compression])
+            mount = Path(store("image", "mount", image.refs[compression]))
+            try:
+                _compare_tree(mount, image.expected)
+            finally:
+                store("image", "unmount", image.refs[compression])
+    finally:
+        store.close()
+
+
+def _compare_tree(mount: Path, expected: dict[bytes, Expected]) -> None:
+    seen = _walk(mount)
+    assert sorted(seen) == sorted(expected)
+    inodes: dict[int, int] = {}
+    for rel, want in expected.items():
+        st = seen[rel]
+        full = os.path.join(os.fsencode(mount), rel)
+        where = rel.decode(errors="replace")
+        assert TYPES[want.type](st.st_mode), where
+        assert stat.S_IMODE(st.st_mode) == want.mode or want.type == "symlink", where
+        assert (st.st_uid, st.st_gid) == (want.uid, want.gid), where
+        if want.type == "file":
+            assert hashlib.sha256(Path(os.fsdecode(full)).read_bytes()).hexdigest() == want.sha256, where
+        if want.type == "symlink":
+            assert os.readlink(full) == want.target, where
+        if want.type == "chardev":
+            assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == want.rdev, where
+        if want.type != "symlink":
+            got = {
+                n: os.getxattr(full, n)
+                for n in os.listxattr(full)
+                if n.startswith(("user.", "security.capability"))
+            }
+            assert got == want.xattrs, where
+        if want.inode:
+            # entries sharing an expected inode share a real one, and only those
+            assert inodes.setdefault(want.inode, st.st_ino) == st.st_ino, where
+    assert len(set(inodes.values())) == len(inodes)
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_pushed_layers_carry_the_tar_features(test_images: TestImages, compression: str) -> None:
+    """Read the layer blobs straight from the registry: PAX names, whiteouts, opaque marker, xattrs."""
+    image = test_images["features"]
+    manifest = fetch_manifest(
+        test_images.registry_address, f"bootc-unified-test/features-{compression}", "latest"
+    )
+    layers = manifest["layers"]
+    assert isinstance(layers, list) and len(layers) == image.layers
+    members = []
+    for layer in layers:
+        assert layer["mediaType"] == f"application/vnd.oci.image.layer.v1.tar+{compression}"
+        url = f"http://{test_images.registry_address}/v2/bootc-unified-test/features-{compression}/blobs/{layer['digest']}"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            blob = resp.read()
+        assert "sha256:" + hashlib.sha256(blob).hexdigest() == layer["digest"]
+        raw = gzip.decompress(blob) if compression == "gzip" else run_bytes(["zstd", "-dc"], blob)
+        with tarfile.open(fileobj=io.BytesIO(raw), encoding="utf-8", errors="surrogateescape") as tar:
+            members.append({os.fsencode(m.name): m for m in tar.getmembers()})
+    first, second = members
+    long_name = [n for n in first if len(n) > 100]
+    assert long_name and "path" in first[long_name[0]].pax_headers
+    assert b"nonutf8/caf\xe9-latin1" in first
+    assert (
+        first[b"hardlinks/b"].islnk() and first[b"special/null"].ischr() and first[b"special/fifo"].isfifo()
+    )
+    assert first[b"special/setuid"].mode & stat.S_ISUID
+    assert first[b"xattrs/user"].pax_headers["SCHILY.xattr.user.bootc-test"] == "hello"
+    assert "SCHILY.xattr.security.capability" in first[b"xattrs/capability"].pax_headers
+    assert b"later/.wh.deleted" in second
+    assert b"later/opaque/.wh..wh..opq" in second
+    assert (stat.S_IMODE(second[b"later/chmod"].mode), second[b"later/chmod"].uid) == (0o600, 1000)
