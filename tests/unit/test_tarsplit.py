@@ -1,0 +1,254 @@
+"""tar-split reading and reassembly against independent oracles: published CRC-64/ISO check values, a
+checksum taken from a real containers-storage tar-split, and tars written by Python's tarfile."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bootc_unified.cstorage.reassemble import content_path, reassemble_stream
+from bootc_unified.cstorage.tarsplit import FileEntry, Segment, TarSplitError, crc64_iso, read_entries
+from bootc_unified.errors import UserError
+
+# --- CRC-64/ISO -------------------------------------------------------------------------------
+
+
+def test_crc64_iso_check_value() -> None:
+    # The catalogue check value of CRC-64/GO-ISO over "123456789".
+    assert crc64_iso(b"123456789") == 0xB90956C775A41001
+
+
+def test_crc64_iso_empty_is_zero() -> None:
+    assert crc64_iso(b"") == 0
+
+
+def test_crc64_iso_matches_real_tar_split_payload() -> None:
+    # payload podman's containers/storage wrote for a 12-byte file "hello world\n"
+    assert crc64_iso(b"hello world\n").to_bytes(8, "big") == base64.b64decode("ROnPP1cq2aw=")
+
+
+def test_crc64_iso_streams() -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    running = None
+    for i in range(0, len(data), 1 << 20):
+        running = crc64_iso(data[i : i + (1 << 20)], running)
+    assert running == crc64_iso(data)
+
+
+# --- helpers: a tar-split writer for tars made by tarfile ------------------------------------
+
+
+def split_tar(tar: bytes) -> list[dict[str, Any]]:
+    """Disassemble `tar` the way tar-split does: raw bytes as segments, member contents as file entries."""
+    entries: list[dict[str, Any]] = []
+    pos = 0
+    with tarfile.open(fileobj=io.BytesIO(tar), mode="r:", encoding="utf-8", errors="surrogateescape") as tf:
+        for m in tf.getmembers():
+            entries.append({"type": 2, "payload": base64.b64encode(tar[pos : m.offset_data]).decode()})
+            name = m.name.encode("utf-8", "surrogateescape") + (b"/" if m.isdir() else b"")
+            entry: dict[str, Any] = {"type": 1, "size": m.size if m.isreg() else 0, "payload": None}
+            try:
+                entry["name"] = name.decode("utf-8")
+            except UnicodeDecodeError:
+                entry["name_raw"] = base64.b64encode(name).decode()
+            if m.isreg():
+                content = tar[m.offset_data : m.offset_data + m.size]
+                entry["payload"] = base64.b64encode(crc64_iso(content).to_bytes(8, "big")).decode()
+                pos = m.offset_data + m.size
+            else:
+                pos = m.offset_data
+            entries.append(entry)
+    entries.append({"type": 2, "payload": base64.b64encode(tar[pos:]).decode()})
+    for i, e in enumerate(entries):
+        e["position"] = i
+    return entries
+
+
+def write_tar_split(path: Path, entries: list[dict[str, Any]]) -> Path:
+    with gzip.open(path, "wb") as f:
+        for e in entries:
+            f.write(json.dumps(e).encode() + b"\n")
+    return path
+
+
+def make_tar(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, errors="surrogateescape") as tf:
+        for name, data in files.items():
+            if name.endswith("/"):
+                ti = tarfile.TarInfo(name.rstrip("/"))
+                ti.type = tarfile.DIRTYPE
+                tf.addfile(ti)
+                continue
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def extract_to(diff: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        path = diff / os.fsencode(name).decode("utf-8", "surrogateescape")
+        if name.endswith("/"):
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+
+
+FILES = {
+    "d/": b"",
+    "d/empty": b"",
+    "d/one": b"1",
+    "d/block": b"b" * 512,
+    "d/odd": os.urandom(70_001),
+    "d/" + "n" * 150: b"long name",
+    "d/bad\udcffname": b"not utf-8",
+}
+
+
+@pytest.fixture
+def layer(tmp_path: Path) -> tuple[bytes, Path, Path]:
+    tar = make_tar(FILES)
+    diff = tmp_path / "diff"
+    extract_to(diff, FILES)
+    ts = write_tar_split(tmp_path / "layer.tar-split.gz", split_tar(tar))
+    return tar, ts, diff
+
+
+# --- parsing ----------------------------------------------------------------------------------
+
+
+def test_read_entries_parses_files_and_segments(layer: tuple[bytes, Path, Path]) -> None:
+    tar, ts, _ = layer
+    entries = list(read_entries(ts, "L"))
+    files = [e for e in entries if isinstance(e, FileEntry)]
+    assert [f.name for f in files] == [os.fsencode(n) for n in FILES]
+    assert b"d/bad\xffname" in [f.name for f in files]
+    assert sum(len(e.data) for e in entries if isinstance(e, Segment)) + sum(f.size for f in files) == len(
+        tar
+    )
+    assert [e.position for e in entries] == list(range(len(entries)))
+
+
+def test_reassembly_is_bit_exact(layer: tuple[bytes, Path, Path]) -> None:
+    tar, ts, diff = layer
+    out = io.BytesIO()
+    result = reassemble_stream(ts, diff, "L", out)
+    assert out.getvalue() == tar
+    assert result.digest == "sha256:" + hashlib.sha256(tar).hexdigest()
+    assert result.size == len(tar)
+    assert result.files == sum(1 for n, d in FILES.items() if d)
+
+
+def _corrupt_entry(ts: Path, index: int, **changes: Any) -> None:
+    with gzip.open(ts, "rb") as f:
+        lines = f.read().splitlines()
+    obj = json.loads(lines[index])
+    obj.update(changes)
+    lines[index] = json.dumps(obj).encode()
+    with gzip.open(ts, "wb") as f:
+        f.write(b"\n".join(lines) + b"\n")
+
+
+def _file_index(ts: Path, name: str) -> int:
+    with gzip.open(ts, "rb") as f:
+        for i, line in enumerate(f):
+            if json.loads(line).get("name") == name:
+                return i
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"payload": "@@not base64@@"}, "not valid base64"),
+        ({"payload": base64.b64encode(b"123").decode()}, "expected an 8-byte CRC-64"),
+        ({"type": 7}, "unknown entry type 7"),
+        ({"size": -1}, "non-negative"),
+        ({"name_raw": "!!"}, "name_raw is not valid base64"),
+    ],
+)
+def test_bad_entries_name_layer_and_entry(
+    layer: tuple[bytes, Path, Path], change: dict[str, Any], message: str
+) -> None:
+    _, ts, diff = layer
+    index = _file_index(ts, "d/odd")
+    _corrupt_entry(ts, index, **change)
+    with pytest.raises(TarSplitError) as e:
+        reassemble_stream(ts, diff, "LAYER-X", None)
+    text = str(e.value)
+    assert "LAYER-X" in text and f"entry {index}" in text and message in text
+    assert "\n" not in text
+
+
+def test_crc_mismatch_names_the_file(layer: tuple[bytes, Path, Path]) -> None:
+    _, ts, diff = layer
+    data = bytearray((diff / "d/odd").read_bytes())
+    data[1000] ^= 1
+    (diff / "d/odd").write_bytes(bytes(data))
+    with pytest.raises(
+        TarSplitError, match=r"LAYER-X: tar-split entry \d+ \(d/odd\): CRC-64 of diff file .*d/odd"
+    ):
+        reassemble_stream(ts, diff, "LAYER-X", None)
+
+
+def test_truncated_gzip(layer: tuple[bytes, Path, Path]) -> None:
+    _, ts, diff = layer
+    data = ts.read_bytes()
+    ts.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TarSplitError, match=r"LAYER-X: tar-split .*: corrupt or truncated gzip after entry"):
+        reassemble_stream(ts, diff, "LAYER-X", None)
+
+
+def test_not_gzip(tmp_path: Path) -> None:
+    ts = tmp_path / "x.tar-split.gz"
+    ts.write_bytes(b'{"type":2,"payload":null,"position":0}\n')
+    with pytest.raises(TarSplitError, match="corrupt or truncated gzip"):
+        list(read_entries(ts, "L"))
+
+
+def test_invalid_json(tmp_path: Path) -> None:
+    ts = tmp_path / "x.tar-split.gz"
+    ts.write_bytes(gzip.compress(b'{"type":2,"payload":null,"position":0}\n{"type":1,\n'))
+    with pytest.raises(TarSplitError, match=r"L: tar-split .*: entry 1: "):
+        list(read_entries(ts, "L"))
+
+
+def test_missing_and_resized_diff_files(layer: tuple[bytes, Path, Path]) -> None:
+    _, ts, diff = layer
+    (diff / "d/one").write_bytes(b"12")
+    with pytest.raises(UserError, match=r"diff file .*d/one is 2 bytes, tar-split says 1"):
+        reassemble_stream(ts, diff, "L", None)
+    (diff / "d/one").unlink()
+    with pytest.raises(UserError, match=r"diff file .*d/one is missing"):
+        reassemble_stream(ts, diff, "L", None)
+
+
+def test_symlinked_diff_file_is_refused(layer: tuple[bytes, Path, Path], tmp_path: Path) -> None:
+    _, ts, diff = layer
+    (tmp_path / "elsewhere").write_bytes(b"1")
+    (diff / "d/one").unlink()
+    (diff / "d/one").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UserError, match=r"diff file .*d/one: "):
+        reassemble_stream(ts, diff, "L", None)
+
+
+@pytest.mark.parametrize("name", [b"../etc/passwd", b"a/../../x", b"/", b"./"])
+def test_content_path_refuses_escapes(name: bytes) -> None:
+    with pytest.raises(ValueError):
+        content_path(b"/diff", name)
+
+
+def test_content_path_normalizes() -> None:
+    assert content_path(b"/diff", b"./a//b/") == b"/diff/a/b"
+    assert content_path(b"/diff", b"/abs/x") == b"/diff/abs/x"
