@@ -63,7 +63,7 @@ def make_store_dirs(base: Path) -> StoreDirs:
     """Paths (and a storage.conf) for a private overlay store under `base`; podman creates it on first use.
 
     The runroot is a short directory in /tmp (podman refuses runroots over 50 characters); remove it
-    with `remove_runroot` when done.
+    with `release_store` when done.
     """
     base.mkdir(parents=True, exist_ok=True)
     root, conf = base / "root", base / "storage.conf"
@@ -72,7 +72,13 @@ def make_store_dirs(base: Path) -> StoreDirs:
     return StoreDirs(root, runroot, conf)
 
 
-def remove_runroot(store: StoreDirs) -> None:
+def release_store(store: StoreDirs) -> None:
+    """Undo what podman leaves behind: the private bind mount of <root>/overlay and the runroot."""
+    target = str(store.root / "overlay")
+    with open("/proc/self/mounts") as f:
+        mounted = any(line.split()[1] == target for line in f)
+    if mounted:
+        run(["umount", target], check=False)
     shutil.rmtree(store.runroot, ignore_errors=True)
 
 
@@ -267,4 +273,4 @@ def buildah_tree_image(src: Path, dest: str, workdir: Path, layout: Path, tag: s
     run([*base, "copy", ctr, str(src), dest], env=store.env, timeout=600)
     run([*base, "commit", "--quiet", ctr, f"oci:{layout}:{tag}"], env=store.env, timeout=600)
     run([*base, "rm", ctr], env=store.env)
-    remove_runroot(store)
+    release_store(store)

@@ -102,9 +102,16 @@ class ImageRecord:
 
     @property
     def all_digests(self) -> tuple[str, ...]:
-        seen = [self.digest] if self.digest else []
-        seen += [d for d in self.digests if d not in seen]
-        return tuple(seen)
+        """Every manifest digest the image is known by, as containers/storage computes it: the
+        recorded digest(s) plus the digests of all stored manifests ("manifest", "manifest-*")."""
+        found = [self.digest] if self.digest else []
+        found += self.digests
+        for key in self.big_data_names:
+            if key == "manifest" or key.startswith("manifest-"):
+                value = self.big_data_digests.get(key)
+                if isinstance(value, str):
+                    found.append(value)
+        return tuple(dict.fromkeys(found))
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> ImageRecord:

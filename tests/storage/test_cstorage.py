@@ -31,12 +31,13 @@ from harness.cstore_fixtures import (
     copy_into_store,
     edge_case_images,
     make_store_dirs,
-    remove_runroot,
+    release_store,
     write_oci_layout,
 )
 from harness.loopfs import LoopFs
 from harness.pytest_plugin import require
 from harness.run import run
+from harness.testimages import TestImages
 
 pytestmark = pytest.mark.storage
 
@@ -116,7 +117,7 @@ def test_every_layer_reassembles_to_its_diff_id(
     fs_kind: str, loopfs: LoopFs, layouts: Layouts, request: pytest.FixtureRequest
 ) -> None:
     dirs = make_store_dirs(loopfs.path / "storage")
-    request.addfinalizer(lambda: remove_runroot(dirs))
+    request.addfinalizer(lambda: release_store(dirs))
     fill_store(dirs, layouts, big=True)
     store = Store.open(dirs.root)
     for built in layouts.crafted_images:
@@ -142,6 +143,25 @@ def test_every_layer_reassembles_to_its_diff_id(
     )
 
 
+def test_project_test_images_from_the_registry(
+    fs_kind: str, loopfs: LoopFs, test_images: TestImages, request: pytest.FixtureRequest
+) -> None:
+    """Every layer of every image of images/testimages/, as podman pulls them (gzip and zstd)."""
+    dirs = make_store_dirs(loopfs.path / "storage")
+    request.addfinalizer(lambda: release_store(dirs))
+    checked = 0
+    for pushed in test_images.images.values():
+        for compression, ref in pushed.refs.items():
+            run(dirs.podman("pull", "-q", "--tls-verify=false", ref), env=dirs.env, timeout=600)
+            image = check_image(Store.open(dirs.root), ref, None, podman_diff_ids(dirs, ref))
+            digest = pushed.digests[compression]
+            assert digest in image.record.all_digests
+            assert Store.open(dirs.root).image(f"{ref.rsplit(':', 1)[0]}@{digest}").id == image.id
+            assert len(image.layers) == pushed.layers
+            checked += len(image.layers)
+    assert checked > 0
+
+
 # --- a store in tmp for references, bad input and concurrency ---------------------------------
 
 
@@ -153,7 +173,7 @@ def base_store(layouts: Layouts, tmp_path_factory: pytest.TempPathFactory) -> It
     copy_into_store(layouts.crafted, "edge", dirs, "quay.io/a/thing:latest")
     copy_into_store(layouts.crafted, "shared", dirs, "quay.io/b/thing:latest")
     yield dirs
-    remove_runroot(dirs)
+    release_store(dirs)
 
 
 def test_image_references(base_store: StoreDirs, layouts: Layouts) -> None:
@@ -328,7 +348,7 @@ def store_copy(base_store: StoreDirs, tmp_path: Path) -> Iterator[StoreDirs]:
     shutil.rmtree(dirs.root, ignore_errors=True)
     run(["cp", "-a", base_store.root, dirs.root])
     yield dirs
-    remove_runroot(dirs)
+    release_store(dirs)
 
 
 def test_read_lock_holds_off_podman_writers(store_copy: StoreDirs) -> None:
