@@ -11,7 +11,6 @@ By hand: `python -m harness.registry [--dir DIR]` prints the address and serves 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import secrets
@@ -21,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.registry", description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, help="storage and config directory (default: a temporary one)")
     args = parser.parse_args(argv)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     workdir: Path = args.dir or Path(tempfile.mkdtemp(prefix="registry-"))
     try:
         reg = Registry.start(workdir)
@@ -178,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     with reg:
         print(reg.address, flush=True)
         print(f"serving {reg.url} from {workdir}; Ctrl-C to stop", file=sys.stderr, flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            reg.process.wait()
+        while not stop.is_set() and reg.running():
+            stop.wait(0.2)
     if args.dir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

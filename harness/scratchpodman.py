@@ -27,14 +27,26 @@ def unmount_under(path: Path) -> None:
 
 @dataclass
 class ScratchPodman:
+    """Podman with a configuration written in `workdir`.
+
+    By default it also owns a fresh store (`workdir/root`). Pass `graphroot`/`runroot` to look at an
+    existing store instead (then `close()` leaves that store alone); `extra_storage_conf` is appended
+    to the storage.conf (e.g. an additionalimagestores drop-in).
+    """
+
     workdir: Path
+    graphroot: Path | None = None
+    runroot: Path = field(default=Path())
+    extra_storage_conf: str = ""
     env: dict[str, str] = field(init=False, repr=False)
-    runroot: Path = field(init=False)
+    _own_runroot: bool = field(init=False, default=False, repr=False)
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        # podman refuses a runroot longer than 50 characters: keep it short, outside workdir.
-        self.runroot = Path(tempfile.mkdtemp(prefix="scratch-", dir="/tmp"))
+        if self.runroot == Path():
+            # podman refuses a runroot longer than 50 characters: keep it short, outside workdir.
+            self.runroot = Path(tempfile.mkdtemp(prefix="scratch-", dir="/tmp"))
+            self._own_runroot = True
         conf = self.workdir / "storage.conf"
         conf.write_text(
             "[storage]\n"
@@ -42,7 +54,7 @@ class ScratchPodman:
             f"graphroot = {json.dumps(str(self.root))}\n"
             f"runroot = {json.dumps(str(self.runroot))}\n"
             "[storage.options.overlay]\n"
-            'skip_mount_home = "true"\n'
+            'skip_mount_home = "true"\n' + self.extra_storage_conf
         )
         registries = self.workdir / "registries.conf"
         registries.write_text('unqualified-search-registries = []\nshort-name-mode = "enforcing"\n')
@@ -57,20 +69,12 @@ class ScratchPodman:
 
     @property
     def root(self) -> Path:
-        return self.workdir / "root"
+        return self.graphroot or self.workdir / "root"
 
     def __call__(self, *args: str | Path) -> str:
-        argv = [
-            "podman",
-            "--root",
-            self.root,
-            "--runroot",
-            self.runroot,
-            "--storage-driver",
-            "overlay",
-            *args,
-        ]
-        return run(argv, env=self.env).stdout.strip()
+        # Root, runroot and driver come from the storage.conf only: podman drops the conf's storage
+        # options (additionalimagestores among them) when --root/--storage-driver are given.
+        return run(["podman", *args], env=self.env).stdout.strip()
 
     def images(self) -> list[dict[str, object]]:
         """`podman images --format json`, as podman itself reports them."""
@@ -80,5 +84,6 @@ class ScratchPodman:
     def close(self) -> None:
         unmount_under(self.workdir)
         shutil.rmtree(self.workdir, ignore_errors=True)
-        unmount_under(self.runroot)
-        shutil.rmtree(self.runroot, ignore_errors=True)
+        if self._own_runroot:
+            unmount_under(self.runroot)
+            shutil.rmtree(self.runroot, ignore_errors=True)

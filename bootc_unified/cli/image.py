@@ -1,10 +1,145 @@
-"""`bootc-unified image ...`: the bootc-owned containers-storage, driven through podman."""
+"""`bootc-unified image ...`: the bootc-owned containers-storage, driven through podman.
+
+    image pull REF [--policy missing|always] [--tls-verify true|false] [--progress-fd N]
+    image list [--format table|json]
+    image exists REF            (exit 0 if present, 1 if not)
+    image rm REF...
+    image prune [ROOT...] | --all
+    image copy-from-host IMAGE
+    image dropin [--output FILE]
+
+Every verb takes `--sysroot DIR` (default /sysroot); the store is <sysroot>/ostree/bootc/storage.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
 from typing import Any
+
+from bootc_unified import imgstore, progress
+from bootc_unified.errors import UserError
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("image", help="images in the bootc-owned containers-storage")
-    p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, help: str) -> argparse.ArgumentParser:
+        v: argparse.ArgumentParser = verbs.add_parser(name, help=help)
+        v.add_argument("--sysroot", type=Path, default=Path("/sysroot"), metavar="DIR")
+        v.add_argument("--authfile", type=Path, help="registry credentials (default: none)")
+        return v
+
+    pull = verb("pull", "pull an image into the store (creating the store if needed)")
+    pull.add_argument("ref", metavar="REF")
+    pull.add_argument("--policy", choices=[p.value for p in imgstore.PullPolicy], default="missing")
+    pull.add_argument("--tls-verify", choices=["true", "false"], default="true")
+    pull.add_argument("--progress-fd", type=int, metavar="N", help="write bootc progress JSON lines to fd N")
+    pull.set_defaults(func=_pull)
+
+    ls = verb("list", "list the images in the store")
+    ls.add_argument("--format", choices=["table", "json"], default="table")
+    ls.set_defaults(func=_list)
+
+    ex = verb("exists", "exit 0 if REF is in the store, 1 if not")
+    ex.add_argument("ref", metavar="REF")
+    ex.set_defaults(func=_exists)
+
+    rm = verb("rm", "remove images (a name untags; an ID or digest removes)")
+    rm.add_argument("refs", nargs="+", metavar="REF")
+    rm.set_defaults(func=_rm)
+
+    prune = verb("prune", "remove every image not named by a ROOT (name, ID or digest)")
+    prune.add_argument("roots", nargs="*", metavar="ROOT")
+    prune.add_argument("--all", action="store_true", help="no roots: remove every image")
+    prune.set_defaults(func=_prune)
+
+    copy = verb("copy-from-host", "copy an image from the host's podman storage into the store")
+    copy.add_argument("image", metavar="IMAGE")
+    copy.set_defaults(func=_copy)
+
+    dropin = verb("dropin", "print (or write) a storage.conf making the store an additional image store")
+    dropin.add_argument("--output", type=Path, metavar="FILE")
+    dropin.set_defaults(func=_dropin)
+
+
+def _progress_fd(fd: int | None) -> int | None:
+    if fd is None:
+        return None
+    if fd in (0, 1, 2):
+        raise UserError(f"--progress-fd {fd}: use a descriptor other than stdin, stdout or stderr")
+    try:
+        os.fstat(fd)
+    except OSError as e:
+        raise UserError(f"--progress-fd {fd}: {e.strerror}") from e
+    return fd
+
+
+def _pull(args: argparse.Namespace) -> int:
+    sink = progress.for_cli(_progress_fd(args.progress_fd))
+    try:
+        image = imgstore.pull_into(
+            args.sysroot,
+            args.ref,
+            imgstore.PullPolicy(args.policy),
+            tls_verify=args.tls_verify == "true",
+            progress=sink,
+            authfile=args.authfile,
+        )
+    finally:
+        sink.close()
+    print(image.id)
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    images = imgstore.ImageStore.open(args.sysroot, args.authfile).images()
+    if args.format == "json":
+        print(json.dumps([i.to_json() for i in images], indent=2))
+        return 0
+    rows = [("ID", "DIGEST", "NAMES")]
+    rows += [(i.id[:12], i.digest, ", ".join(i.names) or "<none>") for i in images]
+    width = [max(len(r[c]) for r in rows) for c in range(2)]
+    for r in rows:
+        print(f"{r[0]:<{width[0]}}  {r[1]:<{width[1]}}  {r[2]}")
+    return 0
+
+
+def _exists(args: argparse.Namespace) -> int:
+    return 0 if imgstore.ImageStore.open(args.sysroot, args.authfile).exists(args.ref) else 1
+
+
+def _rm(args: argparse.Namespace) -> int:
+    store = imgstore.ImageStore.open(args.sysroot, args.authfile)
+    for ref in args.refs:
+        image = store.remove(ref)
+        print(f"{ref} {image.id}")
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    if not args.roots and not args.all:
+        raise UserError("prune: name the images to keep (ROOT...), or pass --all to remove every image")
+    store = imgstore.ImageStore.open(args.sysroot, args.authfile)
+    for image in store.prune_except_roots(args.roots):
+        print(json.dumps(image.to_json()))
+    return 0
+
+
+def _copy(args: argparse.Namespace) -> int:
+    store = imgstore.ImageStore.ensure(args.sysroot, args.authfile)
+    print(store.copy_from_host(args.image).id)
+    return 0
+
+
+def _dropin(args: argparse.Namespace) -> int:
+    store = imgstore.ImageStore.open(args.sysroot, args.authfile)
+    if args.output:
+        store.write_dropin(args.output)
+    else:
+        sys.stdout.write(store.dropin_text())
+    return 0

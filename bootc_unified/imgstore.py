@@ -1,0 +1,391 @@
+"""The bootc-owned containers-storage at <sysroot>/ostree/bootc/storage, driven through podman.
+
+Every podman call runs with this store's own `--root/--runroot --storage-driver overlay` and an
+environment pinned to files this module writes (CONTAINERS_STORAGE_CONF, CONTAINERS_REGISTRIES_CONF,
+CONTAINERS_CONF, REGISTRY_AUTH_FILE): the user's storage.conf, registries and credentials are never
+read, and the host's default storage is never touched (except as the explicit source of
+`copy_from_host`).
+
+The store is created atomically: a temporary directory next to it is initialised by podman, the
+libpod database (which records the temporary path) is dropped, and the directory is renamed into
+place. The runroot lives in /run/bootc-unified/<hash of the store path>/ (podman limits its length).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from bootc_unified.errors import UserError
+from bootc_unified.progress import NullProgress, Progress, ProgressSteps, SubTaskStep
+
+STORE_SUBPATH = Path("ostree/bootc/storage")
+RUN_BASE = Path("/run/bootc-unified")
+PODMAN = "podman"
+
+
+class PullPolicy(Enum):
+    MISSING = "missing"  # pull only if no image of that name is in the store
+    ALWAYS = "always"  # always ask the registry (fetches only what changed)
+
+
+@dataclass(frozen=True)
+class StoreImage:
+    id: str
+    names: tuple[str, ...]
+    digest: str
+    repo_digests: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, object]:
+        return {"id": self.id, "names": list(self.names), "digest": self.digest}
+
+    def keys(self) -> set[str]:
+        """Everything a root may name this image by: names, ID (bare and sha256:), digests."""
+        return {*self.names, self.id, f"sha256:{self.id}", self.digest, *self.repo_digests} - {""}
+
+
+_LOGRUS_MSG = re.compile(r'msg="((?:[^"\\]|\\.)*)"')
+_IMAGE_NAME_PREFIX = re.compile(r'^Error parsing image name "[^"]*": ')
+
+
+def _last_line(text: str) -> str:
+    """The one line of a podman/skopeo failure worth showing (logrus `msg="..."` unwrapped)."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return "(no output)"
+    last = lines[-1]
+    if m := _LOGRUS_MSG.search(last):
+        last = json.loads(f'"{m.group(1)}"')
+    last = last.removeprefix("Error: ").removeprefix("error: ")
+    return _IMAGE_NAME_PREFIX.sub("", last)
+
+
+def check_qualified(ref: str) -> None:
+    """Refuse short names: the store never consults search registries."""
+    name = docker_ref(ref)
+    if "://" in name or name.startswith(("oci:", "oci-archive:", "dir:", "docker-archive:")):
+        return
+    first, _, rest = name.partition("/")
+    if not rest or not ("." in first or ":" in first or first == "localhost"):
+        raise UserError(f"{ref}: not a fully qualified image reference (REGISTRY/REPOSITORY[:TAG|@DIGEST])")
+
+
+def store_path(sysroot: Path) -> Path:
+    return sysroot / STORE_SUBPATH
+
+
+def docker_ref(ref: str) -> str:
+    """podman's spelling of a reference: `docker://` stripped, other transports kept."""
+    return ref.removeprefix("docker://")
+
+
+@dataclass
+class ImageStore:
+    root: Path
+    authfile: Path | None = None
+
+    # --- opening and creating ----------------------------------------------------------------
+
+    @classmethod
+    def open(cls, sysroot: Path, authfile: Path | None = None) -> ImageStore:
+        """The existing store under `sysroot`; UserError if there is none."""
+        root = store_path(sysroot)
+        if not root.is_dir():
+            raise UserError(f"{root}: no bootc image store here (pull an image first)")
+        return cls(root, authfile)
+
+    @classmethod
+    def ensure(cls, sysroot: Path, authfile: Path | None = None) -> ImageStore:
+        """Open the store under `sysroot`, creating it atomically if it does not exist."""
+        if not sysroot.is_dir():
+            raise UserError(f"{sysroot}: sysroot is not a directory")
+        root = store_path(sysroot)
+        if root.is_dir():
+            return cls(root, authfile)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".storage-", dir=root.parent))
+        try:
+            init = cls(tmp, authfile)
+            init.podman(["images", "--quiet"])
+            # libpod's database pins the path it was created at; containers-storage itself does not.
+            (tmp / "libpod" / "bolt_state.db").unlink(missing_ok=True)
+            shutil.rmtree(init.state_dir, ignore_errors=True)
+            try:
+                tmp.rename(root)
+            except OSError:
+                if not root.is_dir():  # lost a race to another creator: theirs is as good as ours
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return cls(root, authfile)
+
+    # --- the pinned podman environment ---------------------------------------------------------
+
+    @property
+    def state_dir(self) -> Path:
+        digest = hashlib.sha256(os.fsencode(self.root.resolve())).hexdigest()[:12]
+        return RUN_BASE / digest
+
+    @property
+    def runroot(self) -> Path:
+        return self.state_dir / "run"
+
+    def storage_conf_text(self) -> str:
+        return (
+            "# written by bootc-unified: the bootc-owned store; nothing else is read\n"
+            "[storage]\n"
+            'driver = "overlay"\n'
+            f"graphroot = {json.dumps(str(self.root))}\n"
+            f"runroot = {json.dumps(str(self.runroot))}\n"
+            "[storage.options.overlay]\n"
+            'skip_mount_home = "true"\n'
+        )
+
+    def _write_config(self, insecure: Sequence[str] = ()) -> dict[str, Path]:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        files = {
+            "storage": self.state_dir / "storage.conf",
+            "registries": self.state_dir
+            / ("registries.conf" if not insecure else "registries-insecure.conf"),
+            "containers": self.state_dir / "containers.conf",
+            "auth": self.state_dir / "auth.json",
+        }
+        files["storage"].write_text(self.storage_conf_text())
+        registries = 'unqualified-search-registries = []\nshort-name-mode = "enforcing"\n'
+        for host in insecure:
+            registries += f"[[registry]]\nlocation = {json.dumps(host)}\ninsecure = true\n"
+        files["registries"].write_text(registries)
+        files["containers"].write_text('[engine]\nevents_logger = "none"\n')
+        if not files["auth"].exists():
+            files["auth"].write_text('{"auths": {}}\n')
+        return files
+
+    def env(self, insecure: Sequence[str] = ()) -> dict[str, str]:
+        files = self._write_config(insecure)
+        keep = {k: v for k, v in os.environ.items() if not k.startswith(("CONTAINERS_", "REGISTRY_AUTH"))}
+        return {
+            **keep,
+            "CONTAINERS_STORAGE_CONF": str(files["storage"]),
+            "CONTAINERS_REGISTRIES_CONF": str(files["registries"]),
+            "CONTAINERS_CONF": str(files["containers"]),
+            "REGISTRY_AUTH_FILE": str(self.authfile or files["auth"]),
+        }
+
+    def argv(self, args: Sequence[str]) -> list[str]:
+        return [
+            PODMAN,
+            "--root",
+            str(self.root),
+            "--runroot",
+            str(self.runroot),
+            "--storage-driver",
+            "overlay",
+            *args,
+        ]
+
+    def podman(self, args: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(self.argv(args), capture_output=True, text=True, env=self.env())
+        if check and proc.returncode != 0:
+            raise PodmanError(args, proc.returncode, proc.stderr)
+        return proc
+
+    # --- verbs ---------------------------------------------------------------------------------
+
+    def images(self) -> list[StoreImage]:
+        out = self.podman(["images", "--format", "json"]).stdout
+        return [
+            StoreImage(
+                id=str(i["Id"]),
+                names=tuple(i.get("Names") or ()),
+                digest=str(i.get("Digest") or ""),
+                repo_digests=tuple(i.get("RepoDigests") or ()),
+            )
+            for i in json.loads(out or "[]")
+        ]
+
+    def exists(self, ref: str) -> bool:
+        return self.podman(["image", "exists", docker_ref(ref)], check=False).returncode == 0
+
+    def inspect(self, ref: str) -> StoreImage:
+        proc = self.podman(["image", "inspect", "--format", "json", docker_ref(ref)], check=False)
+        if proc.returncode != 0:
+            raise UserError(f"{ref}: no such image in the bootc store ({self.root})")
+        i = json.loads(proc.stdout)[0]
+        return StoreImage(
+            id=str(i["Id"]),
+            names=tuple(i.get("RepoTags") or ()),
+            digest=str(i.get("Digest") or ""),
+            repo_digests=tuple(i.get("RepoDigests") or ()),
+        )
+
+    def pull(
+        self,
+        ref: str,
+        policy: PullPolicy = PullPolicy.MISSING,
+        tls_verify: bool = True,
+        progress: Progress | None = None,
+    ) -> StoreImage:
+        """Pull `ref` into the store; with MISSING, an image already present is not fetched again."""
+        progress = progress or NullProgress()
+        check_qualified(ref)
+        if policy is PullPolicy.MISSING and self.exists(ref):
+            image = self.inspect(ref)
+            progress.send(
+                ProgressSteps("pulling", "Pulling", ref, steps_cached=1, steps=1, steps_total=1), True
+            )
+            return image
+        from bootc_unified import pullprogress
+
+        image_id = pullprogress.pull(self, ref, tls_verify=tls_verify, progress=progress)
+        return self.inspect(image_id)
+
+    def pull_plain(self, ref: str, tls_verify: bool, progress: Progress) -> str:
+        """`podman pull`, reporting one step per blob podman announces; returns the image ID."""
+        argv = ["pull", f"--tls-verify={'true' if tls_verify else 'false'}", docker_ref(ref)]
+        proc = subprocess.Popen(
+            self.argv(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env()
+        )
+        assert proc.stderr is not None and proc.stdout is not None
+        blobs: list[str] = []
+        stderr_lines = []
+        for line in proc.stderr:
+            stderr_lines.append(line)
+            if line.startswith("Copying blob "):
+                blobs.append(line.split()[2])
+                subtasks = [
+                    SubTaskStep("layer", "Layer", b, completed=n < len(blobs) - 1)
+                    for n, b in enumerate(blobs)
+                ]
+                progress.send(
+                    ProgressSteps(
+                        "pulling",
+                        "Pulling",
+                        ref,
+                        steps=len(blobs) - 1,
+                        steps_total=len(blobs),
+                        subtasks=subtasks,
+                    )
+                )
+        out = proc.stdout.read()
+        if proc.wait() != 0:
+            raise PodmanError(argv, proc.returncode, "".join(stderr_lines), what=ref)
+        subtasks = [SubTaskStep("layer", "Layer", b, completed=True) for b in blobs]
+        progress.send(
+            ProgressSteps(
+                "pulling", "Pulling", ref, steps=len(blobs), steps_total=len(blobs), subtasks=subtasks
+            ),
+            True,
+        )
+        return out.strip().splitlines()[-1]
+
+    def remove(self, ref: str) -> StoreImage:
+        image = self.inspect(ref)
+        target = docker_ref(ref)
+        # By name: untag (and delete when it was the last name). By ID or digest: delete.
+        self.podman(["rmi", *(["--force"] if target in image.keys() - set(image.names) else []), target])
+        return image
+
+    def prune_except_roots(self, roots: Iterable[str]) -> list[StoreImage]:
+        """Remove every image none of whose names, IDs or digests is in `roots`; return them.
+
+        A root that names no image is not an error (the deployment may refer to a removed tag).
+        """
+        wanted = {docker_ref(r) for r in roots}
+        victims = [img for img in self.images() if not (img.keys() & wanted)]
+        if victims:
+            self.podman(["rmi", "--force", *(img.id for img in victims)])
+        return victims
+
+    def copy_from_host(
+        self,
+        image: str,
+        source_root: Path | None = None,
+        source_runroot: Path | None = None,
+        source_env: dict[str, str] | None = None,
+    ) -> StoreImage:
+        """Copy `image` from a podman storage (default: the host's) into this store, by podman push.
+
+        The source is read with the caller's podman configuration (`source_env`, default the
+        current environment); the destination is spelled out completely in the reference.
+        """
+        self._write_config()
+        dest = f"containers-storage:[overlay@{self.root}+{self.runroot}:overlay.skip_mount_home=true]{image}"
+        argv = [PODMAN]
+        if source_root is not None:
+            argv += ["--root", str(source_root)]
+        if source_runroot is not None:
+            argv += ["--runroot", str(source_runroot)]
+        argv += ["image", "push", "--quiet", image, dest]
+        proc = subprocess.run(argv, capture_output=True, text=True, env=source_env)
+        if proc.returncode != 0:
+            raise UserError(
+                f"cannot copy {image} from host storage into {self.root}: {_last_line(proc.stderr)}"
+            )
+        return self.inspect(image)
+
+    def dropin_text(self) -> str:
+        """A storage.conf fragment that makes this store an additional image store for podman."""
+        return (
+            "# bootc-unified: the images in the bootc-owned store are visible (read-only) to podman\n"
+            "[storage.options]\n"
+            f"additionalimagestores = [{json.dumps(str(self.root))}]\n"
+        )
+
+    def write_dropin(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.dropin_text())
+        tmp.rename(path)
+
+    def cleanup_runtime(self) -> None:
+        """Unmount anything podman left under the store or its runroot and drop the runroot."""
+        for base in (self.root, self.state_dir):
+            prefix = str(base.resolve())
+            with open("/proc/self/mounts") as f:
+                points = [line.split()[1] for line in f]
+            for point in sorted(
+                (p for p in points if p == prefix or p.startswith(prefix + "/")), reverse=True
+            ):
+                subprocess.run(["umount", point], capture_output=True, check=False)
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.state_dir)
+
+
+def pull_into(
+    sysroot: Path,
+    ref: str,
+    policy: PullPolicy = PullPolicy.MISSING,
+    tls_verify: bool = True,
+    progress: Progress | None = None,
+    authfile: Path | None = None,
+) -> StoreImage:
+    """Pull into the store under `sysroot`, creating it first if needed; a failed pull into a store
+    this call created removes it again, so bad input leaves nothing behind."""
+    created = not store_path(sysroot).is_dir()
+    store = ImageStore.ensure(sysroot, authfile)
+    try:
+        return store.pull(ref, policy, tls_verify, progress)
+    except BaseException:
+        if created:
+            store.cleanup_runtime()
+            shutil.rmtree(store.root, ignore_errors=True)
+        raise
+
+
+class PodmanError(UserError):
+    def __init__(self, args: Sequence[str], returncode: int, stderr: str, what: str | None = None) -> None:
+        self.args_ = list(args)
+        self.returncode = returncode
+        self.stderr = stderr
+        subject = what or " ".join(args[:2])
+        super().__init__(f"{subject}: {_last_line(stderr)}")
