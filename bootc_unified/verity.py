@@ -13,7 +13,7 @@ import fcntl
 import hashlib
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -127,17 +127,14 @@ def digest_bytes(data: bytes, alg: HashAlg = HashAlg.SHA512) -> bytes:
     return _finish(alg, tree, len(data))
 
 
-def digest_stream(stream: BinaryIO, alg: HashAlg = HashAlg.SHA512) -> bytes:
-    """Digest everything readable from `stream` (read in large chunks, hashed per block)."""
+def _digest_chunks(chunks: Iterable[bytes], alg: HashAlg) -> bytes:
+    """Digest data arriving in chunks whose sizes are multiples of BLOCK_SIZE (the last may not be)."""
     tree = _Tree(alg)
     h = alg.hasher()
     add = tree.add_hash
     size = 0
     pending = b""
-    while True:
-        chunk = stream.read(_READ_CHUNK)
-        if not chunk:
-            break
+    for chunk in chunks:
         if pending:
             chunk = pending + chunk
             pending = b""
@@ -150,15 +147,28 @@ def digest_stream(stream: BinaryIO, alg: HashAlg = HashAlg.SHA512) -> bytes:
         size += size_full
     if pending:
         size += len(pending)
-        tree.add_data_block(pending + bytes(BLOCK_SIZE - len(pending)))
+        tree.add_data_block(pending.ljust(BLOCK_SIZE, b"\0"))
     return _finish(alg, tree, size)
 
 
+def digest_stream(stream: BinaryIO, alg: HashAlg = HashAlg.SHA512) -> bytes:
+    """Digest everything readable from `stream` (read in large chunks, hashed per block)."""
+    return _digest_chunks(iter(lambda: stream.read(_READ_CHUNK), b""), alg)
+
+
+def _pread_chunks(fd: int) -> Iterator[bytes]:
+    offset = 0
+    while True:
+        chunk = os.pread(fd, _READ_CHUNK, offset)
+        if not chunk:
+            return
+        offset += len(chunk)
+        yield chunk
+
+
 def digest_fd(fd: int, alg: HashAlg = HashAlg.SHA512) -> bytes:
-    """Digest an open file from offset 0 (pread; the fd's position is not used)."""
-    with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
-        f.seek(0)
-        return digest_stream(f, alg)
+    """Digest an open file from offset 0 with pread (the fd's position is left alone)."""
+    return _digest_chunks(_pread_chunks(fd), alg)
 
 
 def digest_file(path: str | os.PathLike[str], alg: HashAlg = HashAlg.SHA512) -> bytes:

@@ -14,7 +14,11 @@ _NO_REFLINK = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.
 
 
 class ReflinkProbe:
-    """Remembers, per (src_dev, dst_dev), that reflinking is impossible, so it is tried once."""
+    """Remembers, per (src_dev, dst_dev), that reflinking is impossible, so it is tried once.
+
+    Device numbers are reused once a filesystem is unmounted, so a probe must not outlive the
+    mounts it has seen: each repository keeps its own.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -29,10 +33,7 @@ class ReflinkProbe:
             self._unsupported.add((src_dev, dst_dev))
 
 
-PROBE = ReflinkProbe()
-
-
-def reflink(src_fd: int, dst_fd: int, probe: ReflinkProbe = PROBE) -> bool:
+def reflink(src_fd: int, dst_fd: int, probe: ReflinkProbe) -> bool:
     """Make dst (an empty file open for writing) share all of src's extents.
 
     Returns False when the two filesystems cannot reflink (the answer is cached for the device

@@ -40,7 +40,11 @@ want=$(cat "$here/pyproject.toml" | sha256sum | cut -d' ' -f1)
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "setup: creating virtual environment $venv"
     /usr/bin/python3 -m venv "$venv"
-    "$venv/bin/pip" install -q --upgrade pip
-    "$venv/bin/pip" install -q -e "$here[test]"
+    log=$(mktemp)
+    if ! { "$venv/bin/pip" install -q --upgrade pip && "$venv/bin/pip" install -q -e "$here[test]"; } >"$log" 2>&1; then
+        cat "$log" >&2
+        die "pip install failed (output above)"
+    fi
+    rm -f "$log"
     echo "$want" > "$stamp"
 fi

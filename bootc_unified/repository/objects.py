@@ -97,6 +97,8 @@ class ObjectStore:
         self.alg = alg
         self.insecure = insecure
         self._dev = os.stat(self.dir).st_dev
+        self._prefixes: set[str] = set()  # objects/XX directories known to exist
+        self._reflink_probe = zerocopy.ReflinkProbe()
 
     def path_of(self, object_id: str) -> Path:
         return self.dir / object_id[:2] / object_id[2:]
@@ -113,17 +115,25 @@ class ObjectStore:
         """A read-only fd on the same inode; the caller closes the writable one (verity wants no writers)."""
         return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
 
-    def _finalize(self, fd: int, method: Method, size: int) -> ObjectResult:
-        """Seal a written tmpfile (verity or userspace digest) and link it into place. Closes fd."""
-        ro = self._reopen_readonly(fd)
-        os.close(fd)
+    def _finalize(self, fd: int, method: Method, size: int, object_id: str | None = None) -> ObjectResult:
+        """Seal a written tmpfile and link it into place; closes fd.
+
+        `object_id` is given by insecure callers that digested the same content already; otherwise
+        fs-verity is enabled and the kernel's measurement is the ID.
+        """
+        if object_id is None and not self.insecure:
+            # fs-verity can only be enabled with no writable fd open on the file.
+            ro = self._reopen_readonly(fd)
+            os.close(fd)
+            fd = ro
         try:
-            object_id = self._seal(ro).hex()
-            if self._link(ro, object_id):
+            if object_id is None:
+                object_id = self._seal(fd).hex()
+            if self._link(fd, object_id):
                 return ObjectResult(object_id, method, size)
             return ObjectResult(object_id, Method.PRESENT, size)
         finally:
-            os.close(ro)
+            os.close(fd)
 
     def _seal(self, ro: int) -> bytes:
         """The object's ID: the kernel's measurement after enabling verity, or a userspace digest."""
@@ -146,7 +156,9 @@ class ObjectStore:
     def _link(self, fd: int, object_id: str) -> bool:
         """linkat the inode behind fd to its object path; False if the object already exists."""
         dest = self.path_of(object_id)
-        dest.parent.mkdir(exist_ok=True)
+        if object_id[:2] not in self._prefixes:
+            dest.parent.mkdir(exist_ok=True)
+            self._prefixes.add(object_id[:2])
         if dest.exists():
             return False
         faults.point("object-before-link")
@@ -194,18 +206,26 @@ class ObjectStore:
     def _from_fd(self, src: int, path: Path, zerocopy_only: bool) -> ObjectResult:
         st = os.fstat(src)
         size = st.st_size
-        tmp = self._tmpfile()
-        try:
-            cloned = zerocopy.reflink(src, tmp)
-        except BaseException:
+        # An insecure repository's IDs are userspace digests: take it from the source (whose pages are
+        # likely cached) and skip all work for an object that exists. With fs-verity the kernel
+        # measures the new inode instead.
+        known_id = verity.digest_fd(src, self.alg).hex() if self.insecure else None
+        if known_id is not None and known_id in self:
+            return ObjectResult(known_id, Method.PRESENT, size)
+
+        if not self._reflink_probe.known_unsupported(st.st_dev, self._dev):
+            tmp = self._tmpfile()
+            try:
+                cloned = zerocopy.reflink(src, tmp, self._reflink_probe)
+            except BaseException:
+                os.close(tmp)
+                raise
+            if cloned:
+                return self._finalize(tmp, Method.REFLINKED, size, known_id)
             os.close(tmp)
-            raise
-        if cloned:
-            return self._finalize(tmp, Method.REFLINKED, size)
-        os.close(tmp)
 
         if st.st_dev == self._dev:
-            object_id = self._source_digest(src)
+            object_id = known_id or self._verity_source_digest(src)
             if object_id is not None:
                 if self._link(src, object_id):
                     return ObjectResult(object_id, Method.HARDLINKED, size)
@@ -226,21 +246,16 @@ class ObjectStore:
         except BaseException:
             os.close(tmp)
             raise
-        return self._finalize(tmp, Method.COPIED, size)
+        return self._finalize(tmp, Method.COPIED, size, known_id)
 
-    def _source_digest(self, src: int) -> str | None:
-        """The object ID to hardlink the source under, or None if hardlinking is not allowed.
-
-        An insecure repository takes a userspace digest; otherwise fs-verity is enabled on the source
-        in place (it is immutable from then on) and the kernel's measurement is the ID.
-        """
-        if self.insecure:
-            return verity.digest_fd(src, self.alg).hex()
+    def _verity_source_digest(self, src: int) -> str | None:
+        """Enable fs-verity on the source in place (immutable from then on) and return the kernel's
+        measurement, or None where that is impossible and the source must not be hardlinked."""
         try:
             verity.enable(src, self.alg)
             measured = verity.measure(src)
         except (verity.VerityUnsupported, OSError):
-            return None  # no verity here, or a writer has the file open (ETXTBSY): don't link it
+            return None  # no verity here, or a writer has the file open (ETXTBSY)
         if measured is None or measured[0] is not self.alg:
             return None
         return measured[1].hex()

@@ -169,3 +169,15 @@ def test_kill_between_write_and_link_leaves_nothing(loopfs: LoopFs) -> None:
     assert out["object_id"] == fsverity_digest(src)
     assert len(object_files(repo)) == 1
     assert run_cli("internals", "cfs", "--repo", repo, "fsck").returncode == 0
+
+
+def test_reflink_probe_does_not_outlive_a_mount(tmp_path: Path) -> None:
+    """Loop device numbers are reused after unmount: an ext4 'no reflink' answer must not stick to
+    the XFS filesystem that gets the same device number next (seen in the demo)."""
+    from bootc_unified.repository import Method, Repository
+
+    for kind, expected in [("ext4", Method.HARDLINKED), ("xfs", Method.REFLINKED)]:
+        with LoopFs.create(kind, tmp_path, name=kind) as fs:
+            src = make_source(fs, 20_000)
+            repo = Repository.init(fs.path / "composefs", insecure=True)
+            assert repo.ensure_object_from_file(src).method is expected
