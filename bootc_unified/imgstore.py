@@ -190,6 +190,10 @@ class ImageStore:
             str(self.runroot),
             "--storage-driver",
             "overlay",
+            # --storage-driver makes podman ignore the storage.conf's options: repeat the one that
+            # keeps podman from bind-mounting <root>/overlay (left behind when a command fails).
+            "--storage-opt",
+            "overlay.skip_mount_home=true",
             *args,
         ]
 

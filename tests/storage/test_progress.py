@@ -34,7 +34,16 @@ def sysroot(loopfs: LoopFs) -> Iterator[Path]:
     root = loopfs.path / "sysroot"
     root.mkdir()
     yield root
-    ImageStore(root / STORE_SUBPATH).cleanup_runtime()
+    store = ImageStore(root / STORE_SUBPATH)
+    leaked = mounts_under(store.root)
+    store.cleanup_runtime()
+    assert not leaked, f"podman left mounts in the bootc store: {leaked}"
+
+
+def mounts_under(path: Path) -> list[str]:
+    with open("/proc/self/mounts") as f:
+        points = [line.split()[1] for line in f]
+    return [p for p in points if p.startswith(f"{path}/") or p == str(path)]
 
 
 def pull_with_progress_fd(
