@@ -155,6 +155,7 @@ def change_layer() -> bytes:
     buf, tf = _open_tar(tarfile.GNU_FORMAT)
     _add(tf, _info(".wh.gone", mode=0o600))
     _add(tf, _info(".wh.gone-dir", mode=0o600))
+    _add(tf, _info("data/f0", tarfile.CHRTYPE, 0o600, devmajor=0, devminor=0))  # overlay-style whiteout
     _add(tf, _info("opaque/", tarfile.DIRTYPE, 0o700))
     _add(tf, _info("opaque/.wh..wh..opq", mode=0o600))
     _add(tf, _info("opaque/c"), b"c\n")

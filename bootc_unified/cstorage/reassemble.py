@@ -46,7 +46,7 @@ def content_path(diff_dir: bytes, name: bytes) -> bytes:
     return os.path.join(diff_dir, *parts)
 
 
-class _Copier:
+class StreamHasher:
     """Streams file contents into the hash and the sink with one reusable 1 MiB buffer."""
 
     def __init__(self, sink: Sink | None) -> None:
@@ -110,7 +110,7 @@ def reassemble_stream(tar_split: Path, diff_dir: Path, label: str, sink: Sink | 
     if not tar_split.is_file():
         raise UserError(f"layer {label}: tar-split {tar_split} is missing")
     base = os.fsencode(diff_dir)
-    copier = _Copier(sink)
+    copier = StreamHasher(sink)
     files = file_bytes = 0
     for entry in read_entries(tar_split, label):
         if isinstance(entry, Segment):

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import pytest
 
 from bootc_unified.cstorage import Image, Store, reassemble
 from bootc_unified.cstorage.reference import ImageNotFound
+from bootc_unified.cstorage.walk import LayerEntry, walk_layer
 from bootc_unified.errors import UserError
 from harness.cstore_fixtures import (
     BuiltImage,
@@ -107,7 +109,39 @@ def check_image(store: Store, name: str, expected: BuiltImage | None, podman_vie
             assert result.size == layer.size
             if expected is not None:
                 assert out is not None and out.getvalue() == expected.layers[i]
+            entries = list(walk_layer(layer))  # raises unless the walked stream hashes to the DiffID
+            if expected is not None:
+                check_walk(entries, expected.layers[i])
     return image
+
+
+def check_walk(entries: list[LayerEntry], tar: bytes) -> None:
+    """The walk agrees with Python's tarfile reading the original tar, and finds the whiteouts."""
+    with tarfile.open(fileobj=io.BytesIO(tar), mode="r:", errors="surrogateescape") as tf:
+        members = tf.getmembers()
+    assert len(entries) == len(members)
+    for entry, m in zip(entries, members, strict=True):
+        h = entry.header
+        assert h.name.rstrip(b"/") == m.name.encode("utf-8", "surrogateescape")
+        assert (h.typeflag, h.mode, h.uid, h.gid, h.size) == (m.type, m.mode, m.uid, m.gid, m.size)
+        assert h.linkname == m.linkname.encode("utf-8", "surrogateescape")
+        assert (h.devmajor, h.devminor) == (m.devmajor, m.devminor)
+        xattrs = {
+            k[13:]: v.encode("utf-8", "surrogateescape")
+            for k, v in m.pax_headers.items()
+            if k[:13] == "SCHILY.xattr."
+        }
+        assert h.xattrs == xattrs
+        if m.isreg() and m.size:
+            assert entry.content is not None and Path(os.fsdecode(entry.content)).stat().st_size == m.size
+        else:
+            assert entry.content is None
+    whiteouts = {e.path for e in entries if e.whiteout}
+    opaque = {e.path for e in entries if e.opaque}
+    if any(m.name.startswith(".wh.") for m in members):
+        assert whiteouts == {b"gone", b"gone-dir", b"data/f0"} and opaque == {b"opaque"}
+    else:
+        assert not whiteouts and not opaque
 
 
 # --- every layer of every image, on each filesystem -------------------------------------------

@@ -252,3 +252,101 @@ def test_content_path_refuses_escapes(name: bytes) -> None:
 def test_content_path_normalizes() -> None:
     assert content_path(b"/diff", b"./a//b/") == b"/diff/a/b"
     assert content_path(b"/diff", b"/abs/x") == b"/diff/abs/x"
+
+
+# --- raw tar headers --------------------------------------------------------------------------
+
+
+def _members(fmt: int, build: list[tarfile.TarInfo], pax: dict[str, str] | None = None) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(
+        fileobj=buf, mode="w", format=fmt, pax_headers=pax or {}, errors="surrogateescape"
+    ) as tf:
+        for ti in build:
+            tf.addfile(ti, io.BytesIO(b"z" * ti.size) if ti.isreg() else None)
+    return buf.getvalue()
+
+
+def _ti(name: str, kind: bytes = tarfile.REGTYPE, size: int = 0, **kw: Any) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.size, ti.mtime = kind, size, 1_700_000_000
+    for k, v in kw.items():
+        setattr(ti, k, v)
+    return ti
+
+
+HEADER_CASES = {
+    "ustar-prefix": (
+        tarfile.USTAR_FORMAT,
+        [_ti("p" * 80 + "/" + "q" * 90, size=3, uid=7, gid=8, mode=0o4751)],
+    ),
+    "gnu-long": (
+        tarfile.GNU_FORMAT,
+        [
+            _ti("g" * 200, size=600),
+            _ti("lnk", tarfile.SYMTYPE, linkname="t" * 150),
+            _ti("big-ids", size=1, uid=0o10000000 + 5, gid=3),
+            _ti("raw\udcff", size=2),
+        ],
+    ),
+    "pax": (
+        tarfile.PAX_FORMAT,
+        [
+            _ti(
+                "x" * 300,
+                size=5,
+                pax_headers={"SCHILY.xattr.user.a": "1", "SCHILY.xattr.security.b": "\udcff\x00"},
+            ),
+            _ti("dev", tarfile.CHRTYPE, devmajor=4, devminor=64, mode=0o620),
+            _ti("dir", tarfile.DIRTYPE, mode=0o1777),
+            _ti("hard", tarfile.LNKTYPE, linkname="x" * 300),
+            _ti("frac", size=1, pax_headers={"mtime": "1700000000.25"}),
+            _ti("utf8-é", size=0, uname="ü", gname="g"),
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEADER_CASES))
+def test_parse_header_agrees_with_tarfile(case: str) -> None:
+    from bootc_unified.cstorage.tarheader import parse_header
+
+    fmt, members = HEADER_CASES[case]
+    tar = _members(fmt, members, {"comment": "global"} if fmt == tarfile.PAX_FORMAT else None)
+    global_pax: dict[str, bytes] = {}
+    start = 0  # where the previous member's padded content ended: global headers sit in between
+    with tarfile.open(fileobj=io.BytesIO(tar), mode="r:", errors="surrogateescape") as tf:
+        for m in tf.getmembers():
+            h = parse_header(tar[start : m.offset_data], global_pax)
+            start = m.offset_data + (-(-m.size // 512) * 512 if m.isreg() else 0)
+            assert h.name.rstrip(b"/") == m.name.encode("utf-8", "surrogateescape")
+            assert h.typeflag == m.type
+            assert (h.mode, h.uid, h.gid, h.size, h.mtime) == (m.mode, m.uid, m.gid, m.size, int(m.mtime))
+            assert h.linkname == m.linkname.encode("utf-8", "surrogateescape")
+            assert h.uname == m.uname.encode() and h.gname == m.gname.encode()
+            if m.ischr():
+                assert (h.devmajor, h.devminor) == (m.devmajor, m.devminor)
+            want_x = {
+                k[len("SCHILY.xattr.") :]: v.encode("utf-8", "surrogateescape")
+                for k, v in m.pax_headers.items()
+                if k.startswith("SCHILY.xattr.")
+            }
+            assert h.xattrs == want_x
+            if m.name == "frac":
+                assert h.mtime_nsec == 250_000_000
+    if fmt == tarfile.PAX_FORMAT:
+        assert global_pax == {"comment": b"global"}
+
+
+def test_parse_header_rejects_garbage() -> None:
+    from bootc_unified.cstorage.tarheader import HeaderError, parse_header
+
+    tar = _members(tarfile.USTAR_FORMAT, [_ti("a", size=1)])
+    block = bytearray(tar[:512])
+    block[0] ^= 1
+    with pytest.raises(HeaderError, match="checksum"):
+        parse_header(bytes(block), {})
+    with pytest.raises(HeaderError, match="512-byte blocks"):
+        parse_header(tar[:100], {})
+    with pytest.raises(HeaderError, match="unexpected bytes"):
+        parse_header(tar[:1024], {})
