@@ -184,6 +184,10 @@ class JsonLinesProgress:
             self._stream = None
 
 
+def _short(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else "…" + text[-(width - 1) :]
+
+
 class RichProgress:
     """A live display on a terminal: one bar for the task, one per subtask (layer)."""
 
@@ -220,13 +224,13 @@ class RichProgress:
 
     def send(self, event: Event, required: bool = False) -> None:
         if isinstance(event, ProgressBytes):
-            top = self._task(event.id, f"{event.description} {event.id}", event.bytes_total)
+            top = self._task(event.id, f"{event.description} {_short(event.id)}", event.bytes_total)
             self._progress.update(top, completed=event.bytes, total=event.bytes_total or None)
             for sub in event.subtasks:
                 t = self._task(f"{event.id}/{sub.id}", f"  {sub.description} {sub.id[:19]}", sub.bytes_total)
                 self._progress.update(t, completed=sub.bytes, total=sub.bytes_total or None)
         else:
-            top = self._task(event.id, f"{event.description} {event.id}", event.steps_total)
+            top = self._task(event.id, f"{event.description} {_short(event.id)}", event.steps_total)
             self._progress.update(top, completed=event.steps, total=event.steps_total or None)
 
     def close(self) -> None:

@@ -283,6 +283,9 @@ def test_cli_verbs(sysroot: Path, test_images: TestImages, tmp_path: Path) -> No
     table = cli("image", "list", "--sysroot", sysroot).stdout
     assert a.ref in table and f.ref in table
 
+    dropin = cli("image", "dropin", "--sysroot", sysroot).stdout
+    assert f'additionalimagestores = ["{store.root}"]' in dropin
+
     assert cli("image", "exists", "--sysroot", sysroot, a.ref).returncode == 0
     assert cli("image", "exists", "--sysroot", sysroot, a.refs["zstd"]).returncode == 1
     p = cli("image", "prune", "--sysroot", sysroot, f.ref)
