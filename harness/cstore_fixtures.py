@@ -28,6 +28,8 @@ from harness.run import run
 
 MTIME = 1_700_000_000
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+REF_NAME = "org.opencontainers.image.ref.name"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -246,10 +248,27 @@ def write_oci_layout(layout: Path, images: list[BuiltImage], *, gzip_layers: boo
                 "mediaType": OCI_MANIFEST,
                 "digest": _blob(layout, manifest_bytes),
                 "size": len(manifest_bytes),
-                "annotations": {"org.opencontainers.image.ref.name": image.tag},
+                "annotations": {REF_NAME: image.tag},
             }
         )
     index_path.write_text(json.dumps(index))
+
+
+def add_index(layout: Path, tag: str, index_tag: str) -> str:
+    """Tag `index_tag`: an OCI image index (manifest list) holding image `tag` for linux/amd64.
+    Returns the index's digest."""
+    index_path = layout / "index.json"
+    index = json.loads(index_path.read_text())
+    [desc] = [m for m in index["manifests"] if m.get("annotations", {}).get(REF_NAME) == tag]
+    entry = {k: v for k, v in desc.items() if k != "annotations"}
+    entry["platform"] = {"architecture": "amd64", "os": "linux"}
+    data = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry]}).encode()
+    digest = _blob(layout, data)
+    index["manifests"].append(
+        {"mediaType": OCI_INDEX, "digest": digest, "size": len(data), "annotations": {REF_NAME: index_tag}}
+    )
+    index_path.write_text(json.dumps(index))
+    return digest
 
 
 def edge_case_images() -> list[BuiltImage]:

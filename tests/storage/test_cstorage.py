@@ -27,8 +27,10 @@ from bootc_unified.cstorage.reference import ImageNotFound
 from bootc_unified.cstorage.walk import LayerEntry, walk_layer
 from bootc_unified.errors import UserError
 from harness.cstore_fixtures import (
+    OCI_MANIFEST,
     BuiltImage,
     StoreDirs,
+    add_index,
     buildah_tree_image,
     copy_into_store,
     edge_case_images,
@@ -241,6 +243,26 @@ def test_image_references(base_store: StoreDirs, layouts: Layouts) -> None:
     ]:
         with pytest.raises(ImageNotFound, match=message):
             store.image(ref)
+
+
+def test_image_pulled_through_a_manifest_list(
+    layouts: Layouts, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    layout = tmp_path / "layout"
+    shutil.copytree(layouts.crafted, layout)
+    list_digest = add_index(layout, "shared", "multi")
+    dirs = make_store_dirs(tmp_path / "store")
+    request.addfinalizer(lambda: release_store(dirs))
+    copy_into_store(layout, "multi", dirs, "localhost/multi:latest")
+    store = Store.open(dirs.root)
+    image = store.image("localhost/multi:latest")
+    assert image.manifest_digest != list_digest and image.manifest["mediaType"] == OCI_MANIFEST
+    assert store.image(list_digest).id == store.image(image.manifest_digest).id == image.id
+    shared = layouts.crafted_images[1]
+    assert [layer.diff_id for layer in image.layers] == shared.diff_ids
+    with store.read_lock():
+        for layer in image.layers:
+            reassemble(layer)
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int, int, str]]:
