@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import pytest
 from bootc_unified.imgstore import STORE_SUBPATH, ImageStore
 from bootc_unified.progress import JsonLinesProgress
 from harness.loopfs import LoopFs
+from harness.pytest_plugin import require
 from harness.testimages import REPOSITORY, TestImages, fetch_manifest
 
 pytestmark = pytest.mark.storage
@@ -31,6 +33,7 @@ STEPS_FIELDS = {"type", "task", "description", "id", "stepsCached", "steps", "st
 
 @pytest.fixture
 def sysroot(loopfs: LoopFs) -> Iterator[Path]:
+    require([] if shutil.which("podman") else ["podman not found"], "the bootc image store")
     root = loopfs.path / "sysroot"
     root.mkdir()
     yield root
