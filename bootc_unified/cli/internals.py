@@ -74,8 +74,17 @@ def _register_cfs(groups: Any) -> None:
     add.add_argument("files", nargs="+", type=Path, metavar="FILE")
     add.set_defaults(func=_cfs_add)
 
-    fsck = verbs.add_parser("fsck", help="check every object against its name")
+    fsck = verbs.add_parser("fsck", help="check objects, streams, refs and images")
     fsck.set_defaults(func=_cfs_fsck)
+
+    imp = verbs.add_parser("import", help="import an image from a containers-storage (zero-copy)")
+    imp.add_argument("--zerocopy", action="store_true", help="fail rather than copy data")
+    imp.add_argument("--storage", type=Path, required=True, metavar="ROOT")
+    imp.add_argument("image", metavar="IMAGE")
+    imp.set_defaults(func=_cfs_import)
+
+    ls = verbs.add_parser("ls-refs", help="list refs and the objects they name")
+    ls.set_defaults(func=_cfs_ls_refs)
 
 
 def _cfs_init(args: argparse.Namespace) -> int:
@@ -100,6 +109,25 @@ def _cfs_add(args: argparse.Namespace) -> int:
                 "bytes": result.size,
             }
             print(json.dumps(out), flush=True)
+    return 0
+
+
+def _cfs_import(args: argparse.Namespace) -> int:
+    from bootc_unified.cstorage import Store
+    from bootc_unified.importer import import_image
+    from bootc_unified.repository import Repository
+
+    repo = Repository.open(args.repo)
+    result = import_image(repo, Store.open(args.storage), args.image, zerocopy=args.zerocopy)
+    print(json.dumps(result.to_json()))
+    return 0
+
+
+def _cfs_ls_refs(args: argparse.Namespace) -> int:
+    from bootc_unified.repository import Repository
+
+    for name, target in Repository.open(args.repo).refs().items():
+        print(f"{name} {target or '(broken)'}")
     return 0
 
 

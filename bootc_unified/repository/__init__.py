@@ -11,18 +11,20 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
 from bootc_unified import verity
 from bootc_unified.errors import UserError
-from bootc_unified.repository import lock
+from bootc_unified.repository import lock, splitstream
 from bootc_unified.repository.fsck import FsckReport, check_objects
 from bootc_unified.repository.meta import Meta
 from bootc_unified.repository.objects import Method, ObjectResult, ObjectStore
+from bootc_unified.repository.refs import escape_ref, object_id_of, relative_target, replace_symlink
 from bootc_unified.verity import HashAlg
 
-__all__ = ["Method", "ObjectResult", "Repository"]
+__all__ = ["Method", "ObjectResult", "Repository", "escape_ref"]
 
 SUBDIRS = ("objects", "streams", "streams/refs", "images", "images/refs")
 
@@ -95,6 +97,84 @@ class Repository:
 
     def ensure_object_from_file(self, path: Path, zerocopy: bool = False) -> ObjectResult:
         return self.objects.ensure_object_from_file(path, zerocopy_only=zerocopy)
+
+    # --- streams, images and their refs ----------------------------------------------------------
+
+    def read_object(self, object_id: str) -> bytes:
+        try:
+            return self.objects.path_of(object_id).read_bytes()
+        except FileNotFoundError:
+            raise UserError(f"{self.path}: object {object_id} is missing") from None
+
+    def stream_link(self, content_id: str) -> Path:
+        if "/" in content_id or content_id.startswith("."):
+            raise UserError(f"bad stream name {content_id!r}")
+        return self.path / "streams" / content_id
+
+    def has_stream(self, content_id: str) -> str | None:
+        """The object ID of the stream named `content_id`, if it is present and intact."""
+        return object_id_of(self.stream_link(content_id), self.objects.dir)
+
+    def write_stream(self, content_id: str, data: bytes) -> str:
+        """Store a finished splitstream as an object and name it streams/<content_id>."""
+        object_id = self.ensure_object(data).object_id
+        link = self.stream_link(content_id)
+        replace_symlink(link, relative_target(link, self.objects.path_of(object_id)))
+        return object_id
+
+    def open_stream(self, content_id: str, expected_type: int | None = None) -> splitstream.SplitStream:
+        object_id = self.has_stream(content_id)
+        if object_id is None:
+            raise UserError(f"{self.path}: no stream {content_id}")
+        return self.open_stream_object(object_id, expected_type, content_id)
+
+    def open_stream_object(
+        self, object_id: str, expected_type: int | None = None, label: str | None = None
+    ) -> splitstream.SplitStream:
+        try:
+            stream = splitstream.parse(self.read_object(object_id), expected_type)
+        except splitstream.SplitStreamError as e:
+            raise UserError(f"{self.path}: stream {label or object_id}: {e}") from e
+        if stream.alg is not self.alg:
+            raise UserError(f"{self.path}: stream {label or object_id} uses {stream.alg.label}")
+        return stream
+
+    def cat_stream(self, stream: splitstream.SplitStream) -> Iterator[bytes]:
+        """The stream's original bytes, chunk by chunk (external chunks read from their objects)."""
+        for chunk in stream.chunks():
+            yield chunk if isinstance(chunk, bytes) else self.read_object(chunk)
+
+    def set_stream_ref(self, name: str, content_id: str) -> None:
+        """streams/refs/<name> -> streams/<content_id> (a GC root). `name` is already escaped per part."""
+        link = self.path / "streams" / "refs" / name
+        replace_symlink(link, relative_target(link, self.stream_link(content_id)))
+
+    def write_image(self, data: bytes) -> str:
+        """Store an EROFS image as an object and name it images/<id>."""
+        image_id = self.ensure_object(data).object_id
+        link = self.path / "images" / image_id
+        replace_symlink(link, relative_target(link, self.objects.path_of(image_id)))
+        return image_id
+
+    def set_image_ref(self, name: str, image_id: str) -> None:
+        link = self.path / "images" / "refs" / name
+        replace_symlink(link, relative_target(link, self.path / "images" / image_id))
+
+    def image_path(self, image_id: str) -> Path:
+        return self.objects.path_of(image_id)
+
+    def refs(self) -> dict[str, str | None]:
+        """Every ref under streams/refs and images/refs, mapped to its object ID (None if broken)."""
+        found: dict[str, str | None] = {}
+        for top in ("streams/refs", "images/refs"):
+            base = self.path / top
+            for dirpath, _dirs, files in os.walk(base):
+                for name in files + [d for d in _dirs if Path(dirpath, d).is_symlink()]:
+                    link = Path(dirpath, name)
+                    if name.startswith(".tmp-"):
+                        continue
+                    found[str(link.relative_to(self.path))] = object_id_of(link, self.objects.dir)
+        return dict(sorted(found.items()))
 
     def fsck(self) -> FsckReport:
         report = FsckReport()

@@ -1,0 +1,200 @@
+"""Import an image from a containers-storage into the composefs repository, sharing file data.
+
+For each layer not already present: a splitstream `oci-layer-<diffid>` whose tar headers and padding
+are inline and whose file contents over 64 bytes are objects added with ensure_object_from_file from
+the layer's diff/ (reflink, else hardlink, else copy); the stream's sha256 must equal the DiffID or
+nothing is published. Then the config stream (named refs: DiffID -> layer stream, and
+`composefs.image` -> the EROFS image), the manifest stream (named ref: config digest -> config
+stream), and last the ref `streams/refs/oci/<escaped name>`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bootc_unified import faults
+from bootc_unified.cstorage import Image, Layer, Segment, Store, read_entries
+from bootc_unified.cstorage.reassemble import LayerDigestMismatch, StreamHasher, content_path
+from bootc_unified.cstorage.tarsplit import TarSplitError
+from bootc_unified.errors import UserError
+from bootc_unified.repository import Repository, escape_ref, splitstream
+from bootc_unified.repository.stats import ImportStats
+
+INLINE_MAX = 64  # file contents up to this size stay inline in the layer stream
+IMAGE_REF = "composefs.image"
+
+
+def layer_content_id(diff_id: str) -> str:
+    return f"oci-layer-{diff_id}"
+
+
+def config_content_id(digest: str) -> str:
+    return f"oci-config-{digest}"
+
+
+def manifest_content_id(digest: str) -> str:
+    return f"oci-manifest-{digest}"
+
+
+def image_ref_name(name: str) -> str:
+    return f"oci/{escape_ref(name)}"
+
+
+@dataclass
+class ImportResult:
+    image: str  # the name or reference imported
+    manifest_digest: str
+    config_digest: str
+    layers_imported: int = 0
+    layers_present: int = 0
+    stats: ImportStats = field(default_factory=ImportStats)
+    image_id: str | None = None  # the EROFS image, when one was built
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "image": self.image,
+            "manifest_digest": self.manifest_digest,
+            "config_digest": self.config_digest,
+            "layers": {"imported": self.layers_imported, "present": self.layers_present},
+            "objects": self.stats.to_json(),
+            "image_id": self.image_id,
+        }
+
+
+def import_layer(repo: Repository, layer: Layer, stats: ImportStats, zerocopy: bool) -> str:
+    """Write the layer's splitstream (verified against its DiffID) and return the stream's object ID."""
+    label = layer.label
+    if not layer.diff_path.is_dir():
+        raise UserError(f"layer {label}: diff directory {layer.diff_path} is missing")
+    base = os.fsencode(layer.diff_path)
+    writer = splitstream.Writer(repo.alg, splitstream.OCI_LAYER)
+    hasher = StreamHasher(None)
+    for entry in read_entries(layer.tar_split_path, label):
+        if isinstance(entry, Segment):
+            writer.write_inline(entry.data)
+            hasher.segment(entry.data)
+            continue
+        if entry.size == 0:
+            continue
+        where = f"layer {label}: tar-split entry {entry.position} ({entry.display_name})"
+        try:
+            path = content_path(base, entry.name)
+        except ValueError as e:
+            raise TarSplitError(f"{where}: {e}") from e
+        if entry.size <= INLINE_MAX:
+            data = _read_small(path, entry.size, where)
+            writer.write_inline(data)
+        else:
+            result = repo.ensure_object_from_file(Path(os.fsdecode(path)), zerocopy=zerocopy)
+            if result.size != entry.size:
+                raise UserError(f"{where}: diff file is {result.size} bytes, tar-split says {entry.size}")
+            stats.record(result)
+            writer.write_external(result.object_id, entry.size)
+        hasher.file(path, entry, where)  # sha256 for the DiffID check, CRC-64 against tar-split
+        faults.point("import-layer-entry")
+    digest = "sha256:" + hasher.sha.hexdigest()
+    if digest != layer.diff_id:
+        raise LayerDigestMismatch(
+            f"layer {label}: imported tar stream has digest {digest}, expected the DiffID"
+        )
+    faults.point("import-layer-before-publish")
+    return repo.write_stream(layer_content_id(layer.diff_id), writer.finish())
+
+
+def _read_small(path: bytes, size: int, where: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(size + 1)
+    except OSError as e:
+        raise UserError(f"{where}: diff file {os.fsdecode(path)}: {e.strerror}") from e
+    if len(data) != size:
+        raise UserError(f"{where}: diff file {os.fsdecode(path)} is {len(data)} bytes, tar-split says {size}")
+    return data
+
+
+def raw_manifest(store: Store, image: Image) -> bytes:
+    """The manifest exactly as stored (its sha256 is the manifest digest)."""
+    names = image.record.big_data_names
+    for key in (f"manifest-{image.manifest_digest}", "manifest"):
+        if key in names:
+            data = store.big_data(image.record, key)
+            if "sha256:" + hashlib.sha256(data).hexdigest() == image.manifest_digest:
+                return data
+    raise UserError(f"image {image.label}: the manifest {image.manifest_digest} is not stored")
+
+
+BuildImage = Callable[[Repository, list[str]], str]
+
+
+def import_image(
+    repo: Repository,
+    store: Store,
+    ref: str,
+    zerocopy: bool = False,
+    build_image: BuildImage | None = None,
+    name: str | None = None,
+) -> ImportResult:
+    """Import `ref` from `store`; `build_image(repo, layer_stream_ids)` makes the EROFS image."""
+    with store.read_lock():
+        image = store.image(ref)
+        config = store.big_data(image.record, image.config_digest)
+        manifest = raw_manifest(store, image)
+        result = ImportResult(ref, image.manifest_digest, image.config_digest)
+        with repo.writer_lock():
+            layer_streams: list[tuple[str, str]] = []
+            for layer in image.layers:
+                present = repo.has_stream(layer_content_id(layer.diff_id))
+                if present is not None:
+                    result.layers_present += 1
+                    layer_streams.append((layer.diff_id, present))
+                    continue
+                layer_streams.append((layer.diff_id, import_layer(repo, layer, result.stats, zerocopy)))
+                result.layers_imported += 1
+            if build_image is not None:
+                result.image_id = build_image(repo, [sid for _, sid in layer_streams])
+            publish(
+                repo,
+                name or ref,
+                config,
+                image.config_digest,
+                manifest,
+                image.manifest_digest,
+                layer_streams,
+                result.image_id,
+            )
+    return result
+
+
+def publish(
+    repo: Repository,
+    name: str,
+    config: bytes,
+    config_digest: str,
+    manifest: bytes,
+    manifest_digest: str,
+    layer_streams: list[tuple[str, str]],
+    image_id: str | None,
+) -> None:
+    """Write the config and manifest streams, then (last) the image's refs."""
+    cw = splitstream.Writer(repo.alg, splitstream.OCI_CONFIG)
+    cw.write_inline(config)
+    for diff_id, stream_id in layer_streams:
+        if not cw.has_named_ref(diff_id):  # an image may list the same layer twice
+            cw.add_named_ref(diff_id, stream_id)
+    if image_id is not None:
+        cw.add_named_ref(IMAGE_REF, image_id)
+    config_id = repo.write_stream(config_content_id(config_digest), cw.finish())
+    faults.point("import-after-config")
+    mw = splitstream.Writer(repo.alg, splitstream.OCI_MANIFEST)
+    mw.write_inline(manifest)
+    mw.add_named_ref(config_digest, config_id)
+    repo.write_stream(manifest_content_id(manifest_digest), mw.finish())
+    faults.point("import-after-manifest")
+    if image_id is not None:
+        repo.set_image_ref(image_ref_name(name), image_id)
+    repo.set_stream_ref(image_ref_name(name), manifest_content_id(manifest_digest))
+    faults.point("import-after-ref")
