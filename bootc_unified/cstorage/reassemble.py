@@ -23,6 +23,8 @@ CHUNK = 1 << 20
 
 
 class Sink(Protocol):
+    """Where the tar goes: must take every byte it is given (a buffered file, BytesIO, stdout.buffer)."""
+
     def write(self, data: bytes | bytearray | memoryview, /) -> int: ...
 
 
