@@ -1,0 +1,202 @@
+"""Flatten a tree into the writer's inode list, checking everything EROFS and overlayfs need.
+
+Inodes come in depth-first order: a directory, then its children in bytewise name order (a
+hardlinked leaf where its first name is met). Each inode gets its xattrs as (prefix index,
+suffix, value), the overlay ones first for external files, then the source ones sorted by name
+with trusted.overlay.X escaped to trusted.overlay.overlay.X.
+"""
+
+from __future__ import annotations
+
+import re
+import stat
+from dataclasses import dataclass, field
+
+from bootc_unified.erofs import format as fmt
+from bootc_unified.erofs.errors import TreeError
+from bootc_unified.erofs.tree import INLINE_MAX, Device, Directory, Fifo, Node, Regular, Socket, Symlink
+from bootc_unified.verity import HashAlg
+
+NAME_MAX = 255
+SYMLINK_MAX = 4095  # PATH_MAX - 1
+XAttr = tuple[int, bytes, bytes]  # prefix index, suffix, value
+
+_EXPECTED_TYPE: dict[type, tuple[int, ...]] = {
+    Directory: (stat.S_IFDIR,),
+    Regular: (stat.S_IFREG,),
+    Symlink: (stat.S_IFLNK,),
+    Device: (stat.S_IFCHR, stat.S_IFBLK),
+    Fifo: (stat.S_IFIFO,),
+    Socket: (stat.S_IFSOCK,),
+}
+
+
+@dataclass
+class Entry:
+    name: bytes
+    inode: int  # index into the inode list
+    file_type: int
+
+
+@dataclass
+class FlatInode:
+    node: Node
+    path: bytes  # the first name it was found under, for messages
+    nlink: int = 1
+    xattrs: list[XAttr] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)  # directories: sorted, with . and ..
+
+
+def show(path: bytes) -> str:
+    return repr(path.decode("utf-8", "backslashreplace"))
+
+
+def check_name(parent: bytes, name: bytes) -> None:
+    where = f"in directory {show(parent or b'/')}"
+    if not name:
+        raise TreeError(f"{where}: empty file name")
+    if name in (b".", b".."):
+        raise TreeError(f"{where}: {name.decode()!r} is not allowed as a file name")
+    if b"/" in name or b"\0" in name:
+        raise TreeError(f"{where}: file name {show(name)} contains {'/' if b'/' in name else 'NUL'}")
+    if len(name) > NAME_MAX:
+        raise TreeError(f"{where}: file name of {len(name)} bytes exceeds {NAME_MAX}: {show(name[:40])}...")
+
+
+_HEX = re.compile(r"[0-9a-f]+")
+
+
+def overlay_xattrs(path: bytes, node: Regular, alg: HashAlg) -> list[tuple[bytes, bytes]]:
+    """trusted.overlay.metacopy (with the fs-verity digest) and .redirect (into objects/)."""
+    oid = node.object_id
+    if oid is None or len(oid) != 2 * alg.size or not _HEX.fullmatch(oid):
+        raise TreeError(
+            f"{show(path)}: regular file of {node.size} bytes needs object_id, "
+            f"a lowercase hex {alg.label} fs-verity digest of {2 * alg.size} digits (got {oid!r})"
+        )
+    digest = bytes.fromhex(oid)
+    metacopy = bytes([0, 4 + len(digest), 0, alg.kernel_id]) + digest
+    redirect = f"/{oid[:2]}/{oid[2:]}".encode()
+    return [(fmt.METACOPY, metacopy), (fmt.REDIRECT, redirect)]
+
+
+def convert_xattrs(path: bytes, node: Node, alg: HashAlg) -> list[XAttr]:
+    items: list[tuple[bytes, bytes]] = []
+    if isinstance(node, Regular) and node.size > INLINE_MAX:
+        items += overlay_xattrs(path, node, alg)
+    for name in sorted(node.xattrs):
+        value = node.xattrs[name]
+        if not name or b"\0" in name:
+            raise TreeError(f"{show(path)}: xattr name {name!r} is empty or contains NUL")
+        if len(name) > fmt.XATTR_NAME_MAX:
+            raise TreeError(
+                f"{show(path)}: xattr name of {len(name)} bytes exceeds {fmt.XATTR_NAME_MAX}: "
+                f"{show(name[:40])}..."
+            )
+        if len(value) > fmt.XATTR_VALUE_MAX:
+            raise TreeError(
+                f"{show(path)}: xattr {show(name)} value of {len(value)} bytes exceeds EROFS's "
+                f"{fmt.XATTR_VALUE_MAX}-byte limit"
+            )
+        if name.startswith(fmt.OVERLAY_PREFIX):
+            name = fmt.OVERLAY_ESCAPED + name[len(fmt.OVERLAY_PREFIX) :]
+        items.append((name, value))
+    out: list[XAttr] = []
+    for name, value in items:
+        split = fmt.split_xattr_name(name)
+        if split is None:
+            raise TreeError(
+                f"{show(path)}: xattr {show(name)} has a namespace EROFS cannot store "
+                "(only user., trusted., security. and system.posix_acl_*)"
+            )
+        index, suffix = split
+        if len(suffix) > 255:
+            raise TreeError(f"{show(path)}: xattr {show(name[:40])}...: escaped name too long for EROFS")
+        out.append((index, suffix, value))
+    return out
+
+
+def check_node(path: bytes, node: Node) -> None:
+    expected = _EXPECTED_TYPE.get(type(node))
+    if expected is None:
+        raise TreeError(f"{show(path)}: not a tree node: {type(node).__name__}")
+    if stat.S_IFMT(node.mode) not in expected or node.mode >> 16:
+        raise TreeError(f"{show(path)}: mode {node.mode:#o} does not fit a {type(node).__name__}")
+    for what, value, limit in (("uid", node.uid, 1 << 32), ("gid", node.gid, 1 << 32)):
+        if not 0 <= value < limit:
+            raise TreeError(f"{show(path)}: {what} {value} out of range")
+    if not 0 <= node.mtime_nsec < 1_000_000_000:
+        raise TreeError(f"{show(path)}: mtime_nsec {node.mtime_nsec} out of range")
+    if not -(1 << 63) <= node.mtime < 1 << 63:
+        raise TreeError(f"{show(path)}: mtime {node.mtime} out of range")
+    if isinstance(node, Regular):
+        if node.size < 0:
+            raise TreeError(f"{show(path)}: negative size")
+        if node.size <= INLINE_MAX and (node.data is None or len(node.data) != node.size):
+            raise TreeError(
+                f"{show(path)}: regular file of {node.size} bytes needs its content in data "
+                f"(got {None if node.data is None else len(node.data)} bytes)"
+            )
+        if node.size > INLINE_MAX and node.data is not None:
+            raise TreeError(f"{show(path)}: content of a {node.size}-byte file goes to objects, not data")
+    elif isinstance(node, Symlink):
+        if not node.target or b"\0" in node.target or len(node.target) > SYMLINK_MAX:
+            raise TreeError(
+                f"{show(path)}: symlink target must be 1..{SYMLINK_MAX} bytes without NUL "
+                f"(got {len(node.target)} bytes)"
+            )
+    elif isinstance(node, Device):
+        if stat.S_ISCHR(node.mode) and node.rdev == 0:
+            raise TreeError(
+                f"{show(path)}: character device 0/0 is an overlay whiteout; apply whiteouts before writing"
+            )
+        if fmt.new_decode_dev(fmt.new_encode_dev(node.rdev)) != node.rdev:
+            raise TreeError(f"{show(path)}: device number {node.rdev:#x} does not fit EROFS's 32 bits")
+
+
+def file_type(node: Node) -> int:
+    return fmt.FILE_TYPES[stat.S_IFMT(node.mode)]
+
+
+def collect(root: Directory, alg: HashAlg) -> list[FlatInode]:
+    """The inode list, root first; hardlinked leaves once, with nlink counting their names."""
+    check_node(b"/", root)
+    inodes: list[FlatInode] = []
+    index_of: dict[int, int] = {}  # id(node) -> inode index
+    # Depth-first with an explicit stack (deep trees don't hit Python's recursion limit);
+    # children are pushed in reverse so they are visited in name order.
+    stack: list[tuple[bytes, Node]] = [(b"", root)]
+    while stack:
+        path, node = stack.pop()
+        seen = index_of.get(id(node))
+        if seen is not None:
+            if isinstance(node, Directory):
+                raise TreeError(f"{show(path)}: a directory may appear only once in the tree")
+            inodes[seen].nlink += 1
+            continue
+        index_of[id(node)] = len(inodes)
+        inodes.append(FlatInode(node, path or b"/", xattrs=convert_xattrs(path or b"/", node, alg)))
+        if isinstance(node, Directory):
+            names = sorted(node.entries)
+            for name in names:
+                check_name(path, name)
+                check_node(path + b"/" + name, node.entries[name])
+            stack.extend((path + b"/" + name, node.entries[name]) for name in reversed(names))
+    # Second pass: directory entries, now that every node has its index.
+    for me, inode in enumerate(inodes):
+        directory = inode.node
+        if not isinstance(directory, Directory):
+            continue
+        entries = [Entry(b".", me, fmt.FT_DIR)]
+        subdirs = 0
+        for name, child in directory.entries.items():
+            index = index_of[id(child)]
+            if isinstance(child, Directory):
+                subdirs += 1
+                inodes[index].entries.append(Entry(b"..", me, fmt.FT_DIR))
+            entries.append(Entry(name, index, file_type(child)))
+        if me == 0:
+            entries.append(Entry(b"..", 0, fmt.FT_DIR))  # the root is its own parent
+        inode.entries = sorted(entries + inode.entries, key=lambda e: e.name)
+        inode.nlink = 2 + subdirs
+    return inodes

@@ -1,0 +1,81 @@
+"""Mount a composefs image for inspection: EROFS (metadata) + overlayfs (data from objects/).
+
+    mount -t erofs -o ro IMAGE LOWER              (a file straight away on kernels >= 6.12,
+                                                   else through a loop device: -o ro,loop)
+    mount -t overlay composefs -o ro,metacopy=on,redirect_dir=on,lowerdir=LOWER::OBJECTS[,verity=...] MNT
+
+OBJECTS is a data-only lower layer ("::"): overlayfs looks files up there only through the
+redirect xattrs the image carries. `mounted()` always unmounts both, also on errors.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from bootc_unified.errors import UserError
+
+VERITY_MODES = ("off", "on", "require")
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True)
+
+
+def _mount(argv: list[str], what: str) -> None:
+    proc = _run(argv)
+    if proc.returncode != 0:
+        raise UserError(f"{what}: {' '.join(argv)} failed: {proc.stderr.strip() or proc.returncode}")
+
+
+def _umount(path: Path) -> None:
+    if _run(["umount", str(path)]).returncode != 0:
+        _run(["umount", "-l", str(path)])  # never leave a mount behind
+
+
+def _check_option_path(path: Path) -> str:
+    text = str(path)
+    if any(c in text for c in ":,\\\n"):
+        raise UserError(f"{path}: paths with ':', ',' or '\\' cannot be passed to overlayfs's lowerdir")
+    return text
+
+
+@contextmanager
+def mount_erofs(image: Path, mountpoint: Path) -> Iterator[Path]:
+    """The image's EROFS mounted read-only at `mountpoint` (file-backed, or via a loop device)."""
+    proc = _run(["mount", "-t", "erofs", "-o", "ro", str(image), str(mountpoint)])
+    if proc.returncode != 0:
+        _mount(["mount", "-t", "erofs", "-o", "ro,loop", str(image), str(mountpoint)], f"{image}")
+    try:
+        yield mountpoint
+    finally:
+        _umount(mountpoint)
+
+
+@contextmanager
+def mounted(image: Path, objects: Path, mountpoint: Path, verity: str = "off") -> Iterator[Path]:
+    """The composefs image mounted at `mountpoint`, file data from `objects` (objects/XX/rest).
+
+    `verity`: "off" (the host kernel has no fs-verity), "on" (check digests where files have
+    verity), "require" (every file must have verity and match the image's digest).
+    """
+    if verity not in VERITY_MODES:
+        raise ValueError(f"verity must be one of {', '.join(VERITY_MODES)}, not {verity!r}")
+    image, objects, mountpoint = Path(image).absolute(), Path(objects).absolute(), Path(mountpoint).absolute()
+    for p, what in ((image, "image"), (objects, "objects directory"), (mountpoint, "mount point")):
+        if not p.exists():
+            raise UserError(f"{p}: no such {what}")
+    with ExitStack() as stack:
+        lower = Path(tempfile.mkdtemp(prefix=".composefs-lower-", dir=mountpoint.parent))
+        stack.callback(shutil.rmtree, lower, ignore_errors=True)
+        stack.enter_context(mount_erofs(image, lower))
+        options = f"ro,metacopy=on,redirect_dir=on,lowerdir={_check_option_path(lower)}::{_check_option_path(objects)}"
+        if verity != "off":
+            options += f",verity={verity}"
+        _mount(["mount", "-t", "overlay", "composefs", "-o", options, str(mountpoint)], f"{image}")
+        stack.callback(_umount, mountpoint)
+        yield mountpoint

@@ -1,0 +1,327 @@
+"""Write a composefs EROFS image from a tree.
+
+Two steps: plan (inode formats, data layouts, offsets, shared xattrs, data blocks) and emit
+(pack the structures into one preallocated buffer). The same tree always gives the same bytes.
+
+Decisions:
+- compact 32-byte inodes when they can say everything: uid/gid/nlink < 2^16, size < 2^32 and the
+  mtime equal to the superblock's build time, which is the most common mtime of the tree (the
+  kernel gives compact inodes the build time); extended 64-byte inodes otherwise.
+- an (name, value) xattr pair used by more than one inode goes into the shared xattr table.
+- data that fits ("tail" of at most 2 KiB, with its inode in one 4 KiB block) is stored inline
+  after the inode (FLAT_INLINE); otherwise in whole blocks after the metadata (FLAT_PLAIN).
+- regular files over 64 bytes: CHUNK_BASED with null chunks (the data is the object named by the
+  redirect xattr); one chunk covers the file whenever the chunk format allows.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from bootc_unified.erofs import format as fmt
+from bootc_unified.erofs.collect import Entry, FlatInode, XAttr, collect, show
+from bootc_unified.erofs.errors import TreeError
+from bootc_unified.erofs.tree import INLINE_MAX, Device, Directory, Regular, Symlink
+from bootc_unified.verity import HashAlg
+
+INLINE_TAIL_MAX = fmt.BLOCK_SIZE // 2
+MAX_CHUNK_FORMAT = 31
+
+
+@dataclass
+class Plan:
+    """Where and how one inode is written."""
+
+    extended: bool
+    layout: int
+    size: int  # i_size
+    content_size: int  # bytes of data (directory entries, symlink target, inline file content)
+    inline: int  # bytes of data stored after the inode (the tail, or chunk entries)
+    blocks: int  # whole blocks in the data area
+    shared: list[int]  # indexes into the shared xattr table
+    local: list[XAttr]
+    xattr_size: int
+    name_filter: int
+    offset: int = 0
+    start_block: int = 0
+
+    @property
+    def meta_size(self) -> int:
+        return (fmt.INODE_EXTENDED.size if self.extended else fmt.INODE_COMPACT.size) + self.xattr_size
+
+
+def directory_blocks(entries: list[Entry]) -> list[list[Entry]]:
+    """Split sorted entries into 4 KiB blocks of dirents + names."""
+    blocks: list[list[Entry]] = [[]]
+    used = 0
+    for entry in entries:
+        need = fmt.DIRENT.size + len(entry.name)
+        if used + need > fmt.BLOCK_SIZE:
+            blocks.append([])
+            used = 0
+        blocks[-1].append(entry)
+        used += need
+    return blocks
+
+
+def directory_size(blocks: list[list[Entry]]) -> int:
+    last = sum(fmt.DIRENT.size + len(e.name) for e in blocks[-1])
+    return (len(blocks) - 1) * fmt.BLOCK_SIZE + last
+
+
+def chunk_format(size: int) -> tuple[int, int]:
+    """(chunk format, number of chunks): the smallest chunk size covering the file in one chunk."""
+    bits = max(fmt.BLOCK_BITS, (size - 1).bit_length())
+    chunk_format = min(bits - fmt.BLOCK_BITS, MAX_CHUNK_FORMAT)
+    chunk_size = fmt.BLOCK_SIZE << chunk_format
+    return chunk_format, -(-size // chunk_size)
+
+
+def share_xattrs(inodes: list[FlatInode]) -> tuple[list[XAttr], dict[XAttr, int]]:
+    counts = Counter(x for inode in inodes for x in set(inode.xattrs))
+    table = sorted(x for x, n in counts.items() if n > 1)
+    return table, {x: i for i, x in enumerate(table)}
+
+
+def inode_xattrs(inode: FlatInode, shared_index: dict[XAttr, int]) -> tuple[list[int], list[XAttr], int, int]:
+    """(shared indexes, local xattrs, xattr area size, name filter) of one inode."""
+    if not inode.xattrs:
+        return [], [], 0, 0
+    shared: list[int] = []
+    local: list[XAttr] = []
+    bits = 0
+    for x in inode.xattrs:
+        bits |= fmt.filter_bit(x[0], x[1])
+        index = shared_index.get(x)
+        if index is not None and len(shared) < fmt.SHARED_MAX:
+            shared.append(index)
+        else:
+            local.append(x)
+    size = fmt.XATTR_IBODY_HEADER.size + 4 * len(shared)
+    size += sum(fmt.xattr_entry_size(suffix, value) for _, suffix, value in local)
+    if (size - fmt.XATTR_IBODY_HEADER.size) // 4 + 1 > fmt.XATTR_ICOUNT_MAX:
+        raise TreeError(
+            f"{show(inode.path)}: xattrs need {size} bytes, more than an EROFS inode holds "
+            f"({fmt.XATTR_IBODY_HEADER.size + 4 * (fmt.XATTR_ICOUNT_MAX - 1)})"
+        )
+    return shared, local, size, ~bits & 0xFFFFFFFF
+
+
+def plan_inode(inode: FlatInode, shared_index: dict[XAttr, int], build_time: tuple[int, int]) -> Plan:
+    node = inode.node
+    shared, local, xattr_size, name_filter = inode_xattrs(inode, shared_index)
+    if isinstance(node, Directory):
+        content = directory_size(directory_blocks(inode.entries))
+        size = content
+    elif isinstance(node, Regular):
+        size = node.size
+        content = size if size <= INLINE_MAX else 0
+    elif isinstance(node, Symlink):
+        size = content = len(node.target)
+    else:
+        size = content = 0
+    extended = not (
+        node.uid <= 0xFFFF
+        and node.gid <= 0xFFFF
+        and inode.nlink <= 0xFFFF
+        and size <= 0xFFFFFFFF
+        and (node.mtime, node.mtime_nsec) == build_time
+    )
+    plan = Plan(extended, fmt.LAYOUT_FLAT_PLAIN, size, content, 0, 0, shared, local, xattr_size, name_filter)
+    if isinstance(node, Regular) and size > INLINE_MAX:
+        plan.layout = fmt.LAYOUT_CHUNK_BASED
+        plan.inline = fmt.CHUNK_ENTRY * chunk_format(size)[1]
+        return plan
+    tail = content % fmt.BLOCK_SIZE
+    if tail and tail <= INLINE_TAIL_MAX and plan.meta_size + tail <= fmt.BLOCK_SIZE:
+        plan.layout = fmt.LAYOUT_FLAT_INLINE
+        plan.inline = tail
+        plan.blocks = content // fmt.BLOCK_SIZE
+    else:
+        plan.blocks = -(-content // fmt.BLOCK_SIZE)
+    return plan
+
+
+def place(plans: list[Plan]) -> int:
+    """Give every inode its offset; returns the end of the inode area."""
+    cursor = fmt.INODES_START
+    for plan in plans:
+        record = plan.meta_size + plan.inline
+        in_block = cursor % fmt.BLOCK_SIZE
+        if in_block and (record > fmt.BLOCK_SIZE or in_block + record > fmt.BLOCK_SIZE):
+            cursor = fmt.align(cursor, fmt.BLOCK_SIZE)
+        plan.offset = cursor
+        cursor = fmt.align(cursor + record, fmt.NID_ALIGN)
+    return cursor
+
+
+def most_common_mtime(inodes: list[FlatInode]) -> tuple[int, int]:
+    counts = Counter((i.node.mtime, i.node.mtime_nsec) for i in inodes)
+    best = max(counts.values())
+    return min(t for t, n in counts.items() if n == best)
+
+
+def write_image(root: Directory, alg: HashAlg) -> bytes:
+    """The composefs EROFS image of `root`; regular files over 64 bytes refer to objects by digest."""
+    inodes = collect(root, alg)
+    table, shared_index = share_xattrs(inodes)
+    build_time = most_common_mtime(inodes)
+    plans = [plan_inode(inode, shared_index, build_time) for inode in inodes]
+    inodes_end = place(plans)
+    if plans[0].offset // fmt.NID_ALIGN > 0xFFFF:
+        raise TreeError("root inode does not fit the superblock's 16-bit root_nid")
+    table_offsets = []
+    cursor = inodes_end
+    for _, suffix, value in table:
+        table_offsets.append(cursor)
+        cursor += fmt.xattr_entry_size(suffix, value)
+    block = fmt.align(cursor, fmt.BLOCK_SIZE) // fmt.BLOCK_SIZE
+    for plan in plans:
+        if plan.blocks:
+            plan.start_block = block
+            block += plan.blocks
+    total = block * fmt.BLOCK_SIZE
+    if block > 0xFFFFFFFF:
+        raise TreeError("image too large for 32-bit block addresses")
+
+    out = bytearray(total)
+    header = (fmt.COMPOSEFS_MAGIC, fmt.COMPOSEFS_VERSION, 0, fmt.COMPOSEFS_LAYOUT_VERSION)
+    fmt.COMPOSEFS_HEADER.pack_into(out, 0, *header)
+    chunked = any(p.layout == fmt.LAYOUT_CHUNK_BASED for p in plans)
+    fmt.SUPERBLOCK.pack_into(
+        out,
+        fmt.SUPERBLOCK_OFFSET,
+        fmt.EROFS_MAGIC,
+        0,
+        fmt.FEATURE_COMPAT_MTIME | fmt.FEATURE_COMPAT_XATTR_FILTER,
+        fmt.BLOCK_BITS,
+        0,
+        plans[0].offset // fmt.NID_ALIGN,
+        len(inodes),
+        build_time[0] & 0xFFFFFFFFFFFFFFFF,
+        build_time[1],
+        block,
+        0,
+        0,
+        b"",
+        b"",
+        fmt.FEATURE_INCOMPAT_CHUNKED_FILE if chunked else 0,
+    )
+    shared_ids = [offset // 4 for offset in table_offsets]
+    for (index, suffix, value), offset in zip(table, table_offsets, strict=True):
+        write_xattr(out, offset, index, suffix, value)
+    for number, (inode, plan) in enumerate(zip(inodes, plans, strict=True)):
+        write_inode(out, number, inode, plan, plans, shared_ids)
+    return bytes(out)
+
+
+def write_xattr(out: bytearray, offset: int, index: int, suffix: bytes, value: bytes) -> int:
+    fmt.XATTR_ENTRY.pack_into(out, offset, len(suffix), index, len(value))
+    start = offset + fmt.XATTR_ENTRY.size
+    out[start : start + len(suffix)] = suffix
+    start += len(suffix)
+    out[start : start + len(value)] = value
+    return offset + fmt.xattr_entry_size(suffix, value)
+
+
+def i_u(inode: FlatInode, plan: Plan) -> int:
+    node = inode.node
+    if isinstance(node, Device):
+        return fmt.new_encode_dev(node.rdev)
+    if plan.layout == fmt.LAYOUT_CHUNK_BASED:
+        return chunk_format(plan.size)[0]
+    return plan.start_block if plan.blocks else 0
+
+
+def content_of(inode: FlatInode, plan: Plan, plans: list[Plan]) -> bytes:
+    node = inode.node
+    if isinstance(node, Directory):
+        return directory_content(directory_blocks(inode.entries), plans)
+    if isinstance(node, Regular):
+        return node.data or b""
+    if isinstance(node, Symlink):
+        return node.target
+    return b""
+
+
+def directory_content(blocks: list[list[Entry]], plans: list[Plan]) -> bytes:
+    parts = []
+    for i, block in enumerate(blocks):
+        nameoff = fmt.DIRENT.size * len(block)
+        dirents = bytearray()
+        for entry in block:
+            dirents += fmt.DIRENT.pack(plans[entry.inode].offset // fmt.NID_ALIGN, nameoff, entry.file_type)
+            nameoff += len(entry.name)
+        data = bytes(dirents) + b"".join(e.name for e in block)
+        parts.append(data.ljust(fmt.BLOCK_SIZE, b"\0") if i < len(blocks) - 1 else data)
+    return b"".join(parts)
+
+
+def write_inode(
+    out: bytearray,
+    number: int,
+    inode: FlatInode,
+    plan: Plan,
+    plans: list[Plan],
+    shared_ids: list[int],
+) -> None:
+    node = inode.node
+    icount = 0 if not plan.xattr_size else (plan.xattr_size - fmt.XATTR_IBODY_HEADER.size) // 4 + 1
+    mode = node.mode
+    offset = plan.offset
+    if plan.extended:
+        fmt.INODE_EXTENDED.pack_into(
+            out,
+            offset,
+            1 | plan.layout << 1,
+            icount,
+            mode,
+            0,
+            plan.size,
+            i_u(inode, plan),
+            number + 1,
+            node.uid,
+            node.gid,
+            node.mtime & 0xFFFFFFFFFFFFFFFF,
+            node.mtime_nsec,
+            inode.nlink,
+        )
+        offset += fmt.INODE_EXTENDED.size
+    else:
+        fmt.INODE_COMPACT.pack_into(
+            out,
+            offset,
+            plan.layout << 1,
+            icount,
+            mode,
+            inode.nlink,
+            plan.size,
+            0,
+            i_u(inode, plan),
+            number + 1,
+            node.uid,
+            node.gid,
+            0,
+        )
+        offset += fmt.INODE_COMPACT.size
+    if plan.xattr_size:
+        fmt.XATTR_IBODY_HEADER.pack_into(out, offset, plan.name_filter, len(plan.shared))
+        offset += fmt.XATTR_IBODY_HEADER.size
+        for index in plan.shared:
+            out[offset : offset + 4] = shared_ids[index].to_bytes(4, "little")
+            offset += 4
+        for index, suffix, value in plan.local:
+            offset = write_xattr(out, offset, index, suffix, value)
+    if plan.layout == fmt.LAYOUT_CHUNK_BASED:
+        out[offset : offset + plan.inline] = b"\xff" * plan.inline
+        return
+    if not plan.content_size:
+        return
+    content = content_of(inode, plan, plans)
+    assert len(content) == plan.content_size, (show(inode.path), len(content), plan.content_size)
+    full = plan.blocks * fmt.BLOCK_SIZE if plan.layout == fmt.LAYOUT_FLAT_INLINE else len(content)
+    start = plan.start_block * fmt.BLOCK_SIZE
+    out[start : start + full] = content[:full]
+    if plan.inline:
+        out[offset : offset + plan.inline] = content[full:]
