@@ -10,17 +10,20 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from bootc_unified.cstorage import Store
 from bootc_unified.imgstore import ImageStore
 from bootc_unified.importer import import_image, layer_content_id
+from bootc_unified.layertree import flatten
 from bootc_unified.repository import Method, Repository, splitstream
 from harness.checks import all_extents_shared, fiemap
 from harness.loopfs import LoopFs
 from harness.pytest_plugin import run_cli
 from harness.testimages import TestImages
+from harness.treecompare import Snapshot, differences, snapshot_dir, snapshot_tree
 
 pytestmark = pytest.mark.storage
 
@@ -109,3 +112,30 @@ def test_reimport_reads_no_file_data(loopfs: LoopFs, store: ImageStore, test_ima
     second = import_image(repo, cstore, b)
     assert second.layers_present >= 1 and second.layers_imported >= 1
     assert second.stats.by_method[Method.COPIED].objects == 0
+
+
+def podman_view(store: ImageStore, ref: str) -> Snapshot:
+    """podman's own merged view of the image (`podman image mount`), path by path."""
+    mountpoint = Path(store.podman(["image", "mount", ref]).stdout.strip())
+    try:
+        return snapshot_dir(mountpoint)
+    finally:
+        store.podman(["image", "unmount", ref])
+
+
+@pytest.mark.parametrize("name", ["features", "small-b"])
+def test_flattened_tree_equals_podman_view(
+    loopfs: LoopFs, store: ImageStore, test_images: TestImages, name: str
+) -> None:
+    ref = test_images[name].ref
+    store.pull(ref, tls_verify=False)
+    repo = Repository.init(loopfs.path / "composefs", insecure=True)
+    image = Store.open(store.root).image(ref)
+    import_image(repo, Store.open(store.root), ref)
+    layers = [
+        (layer.diff_id, repo.has_stream(layer_content_id(layer.diff_id)) or "") for layer in image.layers
+    ]
+    ours = snapshot_tree(flatten(repo, layers), repo.read_object)
+    theirs = podman_view(store, ref)
+    ours.records[b"/"] = theirs.records[b"/"]  # the root's metadata is podman's own choice
+    assert differences(theirs, ours) == []

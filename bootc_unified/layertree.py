@@ -1,0 +1,261 @@
+"""Flatten OCI layers into one filesystem tree, the way overlayfs and podman do.
+
+Input: each layer's splitstream from the repository (tar headers inline, file contents over 64
+bytes as object references). Layers apply bottom to top: a layer's whiteouts (`.wh.NAME` entries,
+or overlay-style 0/0 character devices) and opaque markers (`.wh..wh..opq`) act on the layers below
+it, then its entries are added; a later entry for the same path replaces the earlier one (as tar
+extraction does). Owners, modes, times, xattrs, device numbers and link targets come from the tar
+headers. Names that climb out of the tree, hardlinks to nothing, and paths through symlinks are
+rejected with one line naming the layer and the entry.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from bootc_unified.cstorage.tarheader import BLOCK, HeaderError, TarHeader, parse_header, parse_number
+from bootc_unified.erofs.tree import Device, Directory, Fifo, Node, Regular, Symlink
+from bootc_unified.errors import UserError
+from bootc_unified.repository import Repository, splitstream
+
+WHITEOUT_PREFIX = b".wh."
+OPAQUE_MARKER = b".wh..wh..opq"
+_EXTENSION_TYPES = (b"x", b"g", b"L", b"K")
+_ZERO_BLOCK = bytes(BLOCK)
+DEFAULT_DIR_MODE = stat.S_IFDIR | 0o755
+
+
+class LayerError(UserError):
+    """A layer whose content cannot be applied; the message names the layer and the entry."""
+
+
+@dataclass(frozen=True)
+class Member:
+    header: TarHeader
+    data: bytes | None  # inline content (regular files of at most 64 bytes)
+    object_id: str | None  # external content
+
+
+class _ChunkReader:
+    """Reads inline bytes and external references from splitstream chunks, in stream order."""
+
+    def __init__(self, chunks: Iterable[bytes | str]) -> None:
+        self._chunks = iter(chunks)
+        self._buf = bytearray()
+        self._pos = 0
+        self._external: str | None = None
+
+    def _fill(self) -> bool:
+        if self._external is not None:
+            return False
+        chunk = next(self._chunks, None)
+        if chunk is None:
+            return False
+        if isinstance(chunk, str):
+            self._external = chunk
+            return False
+        if self._pos > 1 << 20:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += chunk
+        return True
+
+    def read(self, n: int) -> bytes | None:
+        """Exactly n inline bytes; None at the very end of the stream; error if cut short."""
+        while len(self._buf) - self._pos < n:
+            if not self._fill():
+                if self._pos == len(self._buf) and self._external is None:
+                    return None
+                raise HeaderError("stream ends or reaches file content in the middle of a tar header")
+        out = bytes(self._buf[self._pos : self._pos + n])
+        self._pos += n
+        return out
+
+    def read_external(self) -> str:
+        if self._pos == len(self._buf) and self._external is None:
+            self._fill()
+        if self._pos != len(self._buf) or self._external is None:
+            raise HeaderError("expected an object reference for file content")
+        object_id, self._external = self._external, None
+        return object_id
+
+
+def tar_members(chunks: Iterable[bytes | str]) -> Iterator[Member]:
+    """The members of a layer tar stored as a splitstream, with their content or object reference."""
+    reader = _ChunkReader(chunks)
+    global_pax: dict[str, bytes] = {}
+    while True:
+        block = reader.read(BLOCK)
+        if block is None or block == _ZERO_BLOCK:
+            return
+        chain = bytearray(block)
+        while block[156:157] in _EXTENSION_TYPES:
+            size = parse_number(block[124:136])
+            payload = reader.read(-(-size // BLOCK) * BLOCK)
+            block = reader.read(BLOCK)
+            if payload is None or block is None:
+                raise HeaderError("stream ends inside an extended header")
+            chain += payload + block
+        header = parse_header(bytes(chain), global_pax)
+        data: bytes | None = None
+        object_id: str | None = None
+        if header.kind == "file" and header.size > 0:
+            if header.size > 64:
+                object_id = reader.read_external()
+            else:
+                data = reader.read(header.size)
+                if data is None:
+                    raise HeaderError("stream ends inside file content")
+        padding = -header.size % BLOCK if header.kind == "file" else 0
+        if padding and reader.read(padding) is None:
+            raise HeaderError("stream ends inside file padding")
+        yield Member(header, data, object_id)
+
+
+def normalize(name: bytes) -> list[bytes]:
+    """Path components of a tar name; a leading '/' is dropped (as podman does), '..' is refused."""
+    parts = [p for p in name.split(b"/") if p not in (b"", b".")]
+    if b".." in parts:
+        raise ValueError("name climbs out of the root with '..'")
+    return parts
+
+
+class Flattener:
+    def __init__(self) -> None:
+        self.root = Directory(mode=DEFAULT_DIR_MODE)
+
+    def _error(self, label: str, header: TarHeader, why: str) -> LayerError:
+        shown = header.name.decode("utf-8", "backslashreplace")
+        return LayerError(f"layer {label}: entry {shown!r}: {why}")
+
+    def _parent(self, parts: list[bytes], create: bool) -> Directory | None:
+        node = self.root
+        for i, part in enumerate(parts[:-1]):
+            child = node.entries.get(part)
+            if child is None:
+                if not create:
+                    return None
+                child = node.entries[part] = Directory(mode=DEFAULT_DIR_MODE)
+            if isinstance(child, Symlink):
+                raise ValueError(f"parent {b'/'.join(parts[: i + 1]).decode(errors='replace')} is a symlink")
+            if not isinstance(child, Directory):
+                if not create:
+                    return None
+                raise ValueError(
+                    f"parent {b'/'.join(parts[: i + 1]).decode(errors='replace')} is not a directory"
+                )
+            node = child
+        return node
+
+    def _lookup(self, parts: list[bytes]) -> Node | None:
+        if not parts:
+            return self.root
+        parent = self._parent(parts, create=False)
+        return None if parent is None else parent.entries.get(parts[-1])
+
+    def apply(self, members: Iterable[Member], label: str) -> None:
+        members = list(members)
+        entries: list[tuple[Member, list[bytes]]] = []
+        for m in members:  # whiteouts and opaque markers act on the layers below
+            try:
+                parts = normalize(m.header.name)
+            except ValueError as e:
+                raise self._error(label, m.header, str(e)) from None
+            base = parts[-1] if parts else b""
+            if base == OPAQUE_MARKER:
+                target = self._lookup(parts[:-1])
+                if isinstance(target, Directory):
+                    target.entries.clear()
+            elif base.startswith(WHITEOUT_PREFIX):
+                self._remove([*parts[:-1], base[len(WHITEOUT_PREFIX) :]])
+            elif m.header.kind == "char" and m.header.devmajor == 0 and m.header.devminor == 0:
+                self._remove(parts)
+            else:
+                entries.append((m, parts))
+        for m, parts in entries:
+            try:
+                self._add(m, parts)
+            except (ValueError, HeaderError) as e:
+                raise self._error(label, m.header, str(e)) from None
+
+    def _remove(self, parts: list[bytes]) -> None:
+        parent = self._parent(parts, create=False) if parts else None
+        if parent is not None:
+            parent.entries.pop(parts[-1], None)
+
+    def _add(self, m: Member, parts: list[bytes]) -> None:
+        h = m.header
+        meta = {
+            "uid": h.uid,
+            "gid": h.gid,
+            "mtime": h.mtime,
+            "mtime_nsec": h.mtime_nsec,
+            # Go's archive/tar (and so podman) drops xattrs whose value is empty; so do we.
+            "xattrs": {k.encode(): v for k, v in sorted(h.xattrs.items()) if v},
+        }
+        kind = h.kind
+        if not parts:
+            if kind != "dir":
+                raise ValueError("the root must be a directory")
+            self._set_dir_meta(self.root, h, meta)
+            return
+        parent = self._parent(parts, create=True)
+        assert parent is not None
+        name = parts[-1]
+        existing = parent.entries.get(name)
+        node: Node
+        if kind == "dir":
+            if isinstance(existing, Directory):
+                self._set_dir_meta(existing, h, meta)
+                return
+            node = Directory(mode=stat.S_IFDIR | h.mode, **meta)  # type: ignore[arg-type]
+        elif kind == "file":
+            node = Regular(
+                mode=stat.S_IFREG | h.mode,
+                size=h.size,
+                data=m.data if h.size else b"",
+                object_id=m.object_id,
+                **meta,  # type: ignore[arg-type]
+            )
+        elif kind == "hardlink":
+            target_parts = normalize(h.linkname)
+            target = self._lookup(target_parts)
+            if target is None:
+                raise ValueError(
+                    f"hardlink to {h.linkname.decode(errors='replace')!r}, which does not exist (yet)"
+                )
+            if isinstance(target, Directory):
+                raise ValueError("hardlink to a directory")
+            node = target
+        elif kind == "symlink":
+            node = Symlink(mode=stat.S_IFLNK | 0o777, target=h.linkname, **meta)  # type: ignore[arg-type]
+        elif kind in ("char", "block"):
+            fmt = stat.S_IFCHR if kind == "char" else stat.S_IFBLK
+            node = Device(mode=fmt | h.mode, rdev=os.makedev(h.devmajor, h.devminor), **meta)  # type: ignore[arg-type]
+        elif kind == "fifo":
+            node = Fifo(mode=stat.S_IFIFO | h.mode, **meta)  # type: ignore[arg-type]
+        else:
+            raise ValueError(f"unsupported entry type {kind}")
+        parent.entries[name] = node
+
+    @staticmethod
+    def _set_dir_meta(d: Directory, h: TarHeader, meta: dict[str, object]) -> None:
+        d.mode = stat.S_IFDIR | h.mode
+        d.uid, d.gid = h.uid, h.gid
+        d.mtime, d.mtime_nsec = h.mtime, h.mtime_nsec
+        d.xattrs = meta["xattrs"]  # type: ignore[assignment]
+
+
+def flatten(repo: Repository, layers: Sequence[tuple[str, str]]) -> Directory:
+    """The merged tree of `layers`, (DiffID, layer stream object ID) pairs from bottom to top."""
+    flattener = Flattener()
+    for diff_id, stream_id in layers:
+        stream = repo.open_stream_object(stream_id, splitstream.OCI_LAYER, diff_id)
+        try:
+            flattener.apply(tar_members(stream.chunks()), diff_id)
+        except (HeaderError, splitstream.SplitStreamError) as e:
+            raise LayerError(f"layer {diff_id}: {e}") from e
+    return flattener.root
