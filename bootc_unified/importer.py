@@ -11,6 +11,7 @@ stream), and last the ref `streams/refs/oci/<escaped name>`.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from bootc_unified.cstorage.reassemble import LayerDigestMismatch, StreamHasher,
 from bootc_unified.cstorage.tarsplit import TarSplitError
 from bootc_unified.errors import UserError
 from bootc_unified.repository import Repository, escape_ref, splitstream
+from bootc_unified.repository.refs import object_id_of
 from bootc_unified.repository.stats import ImportStats
 
 INLINE_MAX = 64  # file contents up to this size stay inline in the layer stream
@@ -127,7 +129,17 @@ def raw_manifest(store: Store, image: Image) -> bytes:
     raise UserError(f"image {image.label}: the manifest {image.manifest_digest} is not stored")
 
 
-BuildImage = Callable[[Repository, list[str]], str]
+BuildImage = Callable[[Repository, list[tuple[str, str]]], str]
+
+
+def create_image(repo: Repository, layers: list[tuple[str, str]]) -> str:
+    """Flatten (DiffID, layer stream) pairs into a tree, write its EROFS image; returns the image ID."""
+    from bootc_unified.erofs import write_image
+    from bootc_unified.layertree import flatten
+
+    data = write_image(flatten(repo, layers), repo.alg)
+    faults.point("create-image-before-store")
+    return repo.write_image(data)
 
 
 def import_image(
@@ -135,10 +147,11 @@ def import_image(
     store: Store,
     ref: str,
     zerocopy: bool = False,
-    build_image: BuildImage | None = None,
+    build_image: BuildImage | None = create_image,
     name: str | None = None,
 ) -> ImportResult:
-    """Import `ref` from `store`; `build_image(repo, layer_stream_ids)` makes the EROFS image."""
+    """Import `ref` from `store` under the ref name `name` (default: `ref`); `build_image` makes the
+    EROFS image from the (DiffID, layer stream) pairs (None: no image)."""
     with store.read_lock():
         image = store.image(ref)
         config = store.big_data(image.record, image.config_digest)
@@ -155,7 +168,7 @@ def import_image(
                 layer_streams.append((layer.diff_id, import_layer(repo, layer, result.stats, zerocopy)))
                 result.layers_imported += 1
             if build_image is not None:
-                result.image_id = build_image(repo, [sid for _, sid in layer_streams])
+                result.image_id = build_image(repo, layer_streams)
             publish(
                 repo,
                 name or ref,
@@ -198,3 +211,69 @@ def publish(
         repo.set_image_ref(image_ref_name(name), image_id)
     repo.set_stream_ref(image_ref_name(name), manifest_content_id(manifest_digest))
     faults.point("import-after-ref")
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """An imported image as the repository holds it, found from its ref."""
+
+    name: str
+    manifest_digest: str
+    config_digest: str
+    config: bytes
+    manifest: bytes
+    layers: list[tuple[str, str]]  # (DiffID, layer stream object ID), bottom to top
+    image_id: str | None
+
+
+def stored_image(repo: Repository, name: str) -> StoredImage:
+    """Resolve streams/refs/oci/<name> -> manifest stream -> config stream -> layer streams."""
+    ref = repo.path / "streams" / "refs" / image_ref_name(name)
+    manifest_id = object_id_of(ref, repo.objects.dir)
+    if manifest_id is None:
+        raise UserError(f"{repo.path}: no image named {name!r} (see ls-refs)")
+    manifest_stream = repo.open_stream_object(manifest_id, splitstream.OCI_MANIFEST, name)
+    manifest = b"".join(repo.cat_stream(manifest_stream))
+    manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    if len(manifest_stream.named_refs) != 1:
+        raise UserError(f"{repo.path}: manifest stream of {name!r} does not name exactly one config")
+    [(config_digest, config_id)] = manifest_stream.named_refs.items()
+    config_stream = repo.open_stream_object(config_id, splitstream.OCI_CONFIG, config_digest)
+    config = b"".join(repo.cat_stream(config_stream))
+    try:
+        diff_ids = json.loads(config)["rootfs"]["diff_ids"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{repo.path}: config {config_digest} of {name!r} has no rootfs.diff_ids") from e
+    layers = []
+    for diff_id in diff_ids:
+        stream_id = config_stream.named_refs.get(diff_id)
+        if stream_id is None:
+            raise UserError(f"{repo.path}: config {config_digest} has no layer stream for {diff_id}")
+        layers.append((diff_id, stream_id))
+    return StoredImage(
+        name,
+        manifest_digest,
+        config_digest,
+        config,
+        manifest,
+        layers,
+        config_stream.named_refs.get(IMAGE_REF),
+    )
+
+
+def recreate_image(repo: Repository, name: str) -> str:
+    """Build the EROFS image of an imported image again and republish its streams and refs."""
+    with repo.writer_lock():
+        image = stored_image(repo, name)
+        image_id = create_image(repo, image.layers)
+        publish(
+            repo,
+            name,
+            image.config,
+            image.config_digest,
+            image.manifest,
+            image.manifest_digest,
+            image.layers,
+            image_id,
+        )
+    return image_id

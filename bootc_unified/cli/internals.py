@@ -83,6 +83,10 @@ def _register_cfs(groups: Any) -> None:
     imp.add_argument("image", metavar="IMAGE")
     imp.set_defaults(func=_cfs_import)
 
+    create = verbs.add_parser("create-image", help="(re)build the EROFS image of an imported image")
+    create.add_argument("image", metavar="IMAGE")
+    create.set_defaults(func=_cfs_create_image)
+
     ls = verbs.add_parser("ls-refs", help="list refs and the objects they name")
     ls.set_defaults(func=_cfs_ls_refs)
 
@@ -120,6 +124,14 @@ def _cfs_import(args: argparse.Namespace) -> int:
     repo = Repository.open(args.repo)
     result = import_image(repo, Store.open(args.storage), args.image, zerocopy=args.zerocopy)
     print(json.dumps(result.to_json()))
+    return 0
+
+
+def _cfs_create_image(args: argparse.Namespace) -> int:
+    from bootc_unified.importer import recreate_image
+    from bootc_unified.repository import Repository
+
+    print(recreate_image(Repository.open(args.repo), args.image))
     return 0
 
 
