@@ -73,7 +73,8 @@ def mounted(image: Path, objects: Path, mountpoint: Path, verity: str = "off") -
         lower = Path(tempfile.mkdtemp(prefix=".composefs-lower-", dir=mountpoint.parent))
         stack.callback(shutil.rmtree, lower, ignore_errors=True)
         stack.enter_context(mount_erofs(image, lower))
-        options = f"ro,metacopy=on,redirect_dir=on,lowerdir={_check_option_path(lower)}::{_check_option_path(objects)}"
+        lowerdir = f"{_check_option_path(lower)}::{_check_option_path(objects)}"
+        options = f"ro,metacopy=on,redirect_dir=on,lowerdir={lowerdir}"
         if verity != "off":
             options += f",verity={verity}"
         _mount(["mount", "-t", "overlay", "composefs", "-o", options, str(mountpoint)], f"{image}")

@@ -100,7 +100,9 @@ def object_ids(root: Directory) -> set[str]:
 ObjectIdOf = Callable[[Path], str]
 
 
-class _Meta(TypedDict):
+class InodeMeta(TypedDict):
+    """The keyword arguments of Inode, for building nodes of any kind."""
+
     mode: int
     uid: int
     gid: int
@@ -109,7 +111,7 @@ class _Meta(TypedDict):
     xattrs: dict[bytes, bytes]
 
 
-def _meta(st: os.stat_result, xattrs: dict[bytes, bytes]) -> _Meta:
+def _meta(st: os.stat_result, xattrs: dict[bytes, bytes]) -> InodeMeta:
     return {
         "mode": st.st_mode,
         "uid": st.st_uid,
