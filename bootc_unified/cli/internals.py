@@ -87,6 +87,10 @@ def _register_cfs(groups: Any) -> None:
     create.add_argument("image", metavar="IMAGE")
     create.set_defaults(func=_cfs_create_image)
 
+    gc = verbs.add_parser("gc", help="remove objects, streams and images no ref reaches")
+    gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    gc.set_defaults(func=_cfs_gc)
+
     ls = verbs.add_parser("ls-refs", help="list refs and the objects they name")
     ls.set_defaults(func=_cfs_ls_refs)
 
@@ -132,6 +136,14 @@ def _cfs_create_image(args: argparse.Namespace) -> int:
     from bootc_unified.repository import Repository
 
     print(recreate_image(Repository.open(args.repo), args.image))
+    return 0
+
+
+def _cfs_gc(args: argparse.Namespace) -> int:
+    from bootc_unified.repository import Repository
+
+    result = Repository.open(args.repo).gc(dry_run=args.dry_run)
+    print(json.dumps({"dry_run": args.dry_run, **result.to_json()}))
     return 0
 
 

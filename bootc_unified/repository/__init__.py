@@ -18,7 +18,8 @@ from pathlib import Path
 from bootc_unified import verity
 from bootc_unified.errors import UserError
 from bootc_unified.repository import lock, splitstream
-from bootc_unified.repository.fsck import FsckReport, check_objects
+from bootc_unified.repository.fsck import FsckReport, check_links, check_objects
+from bootc_unified.repository.gc import GcResult, Walker, collect
 from bootc_unified.repository.meta import Meta
 from bootc_unified.repository.objects import Method, ObjectResult, ObjectStore
 from bootc_unified.repository.refs import escape_ref, object_id_of, relative_target, replace_symlink
@@ -176,8 +177,17 @@ class Repository:
                     found[str(link.relative_to(self.path))] = object_id_of(link, self.objects.dir)
         return dict(sorted(found.items()))
 
+    def gc(self, dry_run: bool = False) -> GcResult:
+        """Remove what no ref reaches (exclusive lock); with `dry_run`, only say what would go."""
+        from bootc_unified.erofs.reader import referenced_objects
+
+        with self.gc_lock():
+            walker = Walker(self.read_object, referenced_objects)
+            return collect(self.path, self.objects.dir, walker, dry_run)
+
     def fsck(self) -> FsckReport:
         report = FsckReport()
         with self.writer_lock():
             check_objects(self.objects, report)
+            check_links(self, report)
         return report

@@ -6,9 +6,16 @@ import os
 import re
 import stat
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bootc_unified import verity
+from bootc_unified.repository import splitstream
 from bootc_unified.repository.objects import ObjectStore, describe_kind
+from bootc_unified.repository.refs import TMP_PREFIX, object_id_of
+
+if TYPE_CHECKING:
+    from bootc_unified.repository import Repository
 
 
 @dataclass
@@ -66,3 +73,45 @@ def _check_one(store: ObjectStore, object_id: str, rel: str, report: FsckReport)
         report.problems.append(f"object {rel}: fs-verity is not enabled on it")
     elif measured[1].hex() != object_id:
         report.problems.append(f"object {rel}: kernel fs-verity digest is {measured[1].hex()}")
+
+
+def _links(directory: Path) -> list[Path]:
+    out = []
+    for dirpath, dirs, files in os.walk(directory):
+        for name in [*files, *(d for d in dirs if Path(dirpath, d).is_symlink())]:
+            if not name.startswith(TMP_PREFIX):  # a crash's leftover; GC removes it
+                out.append(Path(dirpath, name))
+    return sorted(out)
+
+
+def check_links(repo: Repository, report: FsckReport) -> None:
+    """Refs resolve; every named stream parses and its objects exist; every named image parses and
+    the objects it redirects to exist."""
+    from bootc_unified.erofs.errors import ImageError
+    from bootc_unified.erofs.reader import referenced_objects
+
+    objects = repo.objects
+    for link in _links(repo.path / "streams") + _links(repo.path / "images"):
+        rel = link.relative_to(repo.path)
+        object_id = object_id_of(link, objects.dir)
+        if object_id is None:
+            report.problems.append(f"broken link {rel}")
+            continue
+        if rel.parts[1] == "refs":
+            continue  # what it names is checked through streams/<id> and images/<id>
+        data = objects.path_of(object_id).read_bytes()
+        if rel.parts[0] == "streams":
+            try:
+                stream = splitstream.parse(data)
+            except splitstream.SplitStreamError as e:
+                report.problems.append(f"bad stream {rel}: {e}")
+                continue
+            needed = stream.object_refs + [t for n, t in stream.named_refs.items()]
+        else:
+            try:
+                needed = sorted(referenced_objects(data))
+            except ImageError as e:
+                report.problems.append(f"bad image {rel}: {e}")
+                continue
+        for missing in (o for o in needed if o not in objects):
+            report.problems.append(f"{rel} refers to missing object {missing}")

@@ -1,0 +1,115 @@
+"""Garbage collection: keep what the refs reach, remove the rest.
+
+Under the repository's exclusive lock: the roots are every link under streams/refs and images/refs.
+From a stream the walk reaches its external objects and the streams its named refs name (the
+`composefs.image` named ref of a config stream names an EROFS image); from an image, every object
+its files redirect to. Unreached objects go, then links whose target is gone (streams/<id>,
+images/<id>, refs) and temporary links left by a crash.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bootc_unified.repository import splitstream
+from bootc_unified.repository.refs import TMP_PREFIX, object_id_of
+
+IMAGE_NAMED_REF = "composefs.image"
+
+ImageObjects = Callable[[bytes], set[str]]
+
+
+@dataclass
+class GcResult:
+    kept_objects: int = 0
+    removed_objects: list[str] = field(default_factory=list)
+    removed_bytes: int = 0
+    removed_links: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "kept_objects": self.kept_objects,
+            "removed_objects": len(self.removed_objects),
+            "removed_bytes": self.removed_bytes,
+            "removed_links": self.removed_links,
+            "objects": self.removed_objects,
+        }
+
+
+class Walker:
+    """Collects every object reachable from the roots."""
+
+    def __init__(self, read: Callable[[str], bytes], image_objects: ImageObjects) -> None:
+        self.read = read
+        self.image_objects = image_objects
+        self.reached: set[str] = set()
+
+    def stream(self, object_id: str) -> None:
+        if object_id in self.reached:
+            return
+        self.reached.add(object_id)
+        parsed = splitstream.parse(self.read(object_id))
+        self.reached.update(parsed.object_refs)
+        for name, target in parsed.named_refs.items():
+            if name == IMAGE_NAMED_REF:
+                self.image(target)
+            else:
+                self.stream(target)
+
+    def image(self, object_id: str) -> None:
+        if object_id in self.reached:
+            return
+        self.reached.add(object_id)
+        self.reached.update(self.image_objects(self.read(object_id)))
+
+
+def _links(directory: Path) -> list[Path]:
+    found = []
+    for dirpath, dirs, files in os.walk(directory):
+        found += [Path(dirpath, n) for n in files]
+        found += [Path(dirpath, d) for d in dirs if Path(dirpath, d).is_symlink()]
+    return sorted(found)
+
+
+def collect(repo_path: Path, objects_dir: Path, walker: Walker, dry_run: bool) -> GcResult:
+    """The GC proper; the caller holds the exclusive lock."""
+    result = GcResult()
+    for link in _links(repo_path / "streams" / "refs"):
+        target = None if link.name.startswith(TMP_PREFIX) else object_id_of(link, objects_dir)
+        if target is not None:
+            walker.stream(target)
+    for link in _links(repo_path / "images" / "refs"):
+        target = None if link.name.startswith(TMP_PREFIX) else object_id_of(link, objects_dir)
+        if target is not None:
+            walker.image(target)
+
+    for prefix in sorted(os.listdir(objects_dir)):
+        pdir = objects_dir / prefix
+        if not pdir.is_dir() or len(prefix) != 2:
+            continue
+        for rest in sorted(os.listdir(pdir)):
+            object_id = prefix + rest
+            if object_id in walker.reached:
+                result.kept_objects += 1
+                continue
+            path = pdir / rest
+            result.removed_objects.append(object_id)
+            result.removed_bytes += path.lstat().st_size
+            if not dry_run:
+                path.unlink()
+
+    gone = set(result.removed_objects)
+    for top in ("streams", "images"):
+        for link in _links(repo_path / top):
+            if not link.is_symlink():
+                continue
+            target = object_id_of(link, objects_dir)
+            if link.name.startswith(TMP_PREFIX) or target is None or target in gone:
+                result.removed_links.append(str(link.relative_to(repo_path)))
+    if not dry_run:
+        for rel in result.removed_links:
+            (repo_path / rel).unlink(missing_ok=True)
+    return result
