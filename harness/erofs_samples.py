@@ -178,7 +178,8 @@ def snapshot(root: Path) -> dict[str, dict[str, object]]:
                 "gid": st.st_gid,
                 "mtime_ns": st.st_mtime_ns,
                 "xattrs": {
-                    n: os.getxattr(p, n, follow_symlinks=False) for n in sorted(os.listxattr(p, follow_symlinks=False))
+                    n: os.getxattr(p, n, follow_symlinks=False)
+                    for n in sorted(os.listxattr(p, follow_symlinks=False))
                 },
             }
             if not stat.S_ISDIR(st.st_mode):
