@@ -134,10 +134,13 @@ BuildImage = Callable[[Repository, list[tuple[str, str]]], str]
 
 def create_image(repo: Repository, layers: list[tuple[str, str]]) -> str:
     """Flatten (DiffID, layer stream) pairs into a tree, write its EROFS image; returns the image ID."""
-    from bootc_unified.erofs import write_image
+    from bootc_unified.erofs import TreeError, write_image
     from bootc_unified.layertree import flatten
 
-    data = write_image(flatten(repo, layers), repo.alg)
+    try:
+        data = write_image(flatten(repo, layers), repo.alg)
+    except TreeError as e:
+        raise UserError(f"image of layers {', '.join(d for d, _ in layers)}: {e}") from e
     faults.point("create-image-before-store")
     return repo.write_image(data)
 

@@ -3,8 +3,8 @@
 Input: each layer's splitstream from the repository (tar headers inline, file contents over 64
 bytes as object references). Layers apply bottom to top: a layer's whiteouts (`.wh.NAME` entries,
 or overlay-style 0/0 character devices) and opaque markers (`.wh..wh..opq`) act on the layers below
-it, then its entries are added; a later entry for the same path replaces the earlier one (as tar
-extraction does). Owners, modes, times, xattrs, device numbers and link targets come from the tar
+it, then its entries are added (two entries for one path in a layer are refused, as containers/storage
+refuses them). Owners, modes, times, xattrs, device numbers and link targets come from the tar
 headers. Names that climb out of the tree, hardlinks to nothing, and paths through symlinks are
 rejected with one line naming the layer and the entry.
 """
@@ -17,7 +17,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from bootc_unified.cstorage.tarheader import BLOCK, HeaderError, TarHeader, parse_header, parse_number
-from bootc_unified.erofs.tree import Device, Directory, Fifo, Node, Regular, Symlink
+from bootc_unified.erofs import format as erofs_format
+from bootc_unified.erofs.tree import Device, Directory, Fifo, InodeMeta, Node, Regular, Symlink
 from bootc_unified.errors import UserError
 from bootc_unified.repository import Repository, splitstream
 
@@ -175,7 +176,12 @@ class Flattener:
                 self._remove(parts)
             else:
                 entries.append((m, parts))
+        seen: set[bytes] = set()
         for m, parts in entries:
+            key = b"/".join(parts)
+            if key in seen:  # as containers/storage: "duplicates of file paths not supported"
+                raise self._error(label, m.header, "duplicate entry for this path in the same layer")
+            seen.add(key)
             try:
                 self._add(m, parts)
             except (ValueError, HeaderError) as e:
@@ -188,19 +194,31 @@ class Flattener:
 
     def _add(self, m: Member, parts: list[bytes]) -> None:
         h = m.header
-        meta = {
-            "uid": h.uid,
-            "gid": h.gid,
-            "mtime": h.mtime,
-            "mtime_nsec": h.mtime_nsec,
-            # Go's archive/tar (and so podman) drops xattrs whose value is empty; so do we.
-            "xattrs": {k.encode(): v for k, v in sorted(h.xattrs.items()) if v},
-        }
+        # Go's archive/tar (and so podman) drops xattrs whose value is empty; so do we.
+        xattrs = {k.encode(): v for k, v in sorted(h.xattrs.items()) if v}
+        for xname, value in xattrs.items():
+            if len(xname) > erofs_format.XATTR_NAME_MAX or len(value) > erofs_format.XATTR_VALUE_MAX:
+                raise ValueError(
+                    f"xattr {xname.decode(errors='replace')!r} ({len(xname)}-byte name, {len(value)}-byte "
+                    f"value) exceeds EROFS's limits ({erofs_format.XATTR_NAME_MAX}, "
+                    f"{erofs_format.XATTR_VALUE_MAX})"
+                )
+
+        def meta(type_bits: int) -> InodeMeta:
+            return {
+                "mode": type_bits | h.mode,
+                "uid": h.uid,
+                "gid": h.gid,
+                "mtime": h.mtime,
+                "mtime_nsec": h.mtime_nsec,
+                "xattrs": xattrs,
+            }
+
         kind = h.kind
         if not parts:
             if kind != "dir":
                 raise ValueError("the root must be a directory")
-            self._set_dir_meta(self.root, h, meta)
+            self._set_dir_meta(self.root, meta(stat.S_IFDIR))
             return
         parent = self._parent(parts, create=True)
         assert parent is not None
@@ -209,16 +227,15 @@ class Flattener:
         node: Node
         if kind == "dir":
             if isinstance(existing, Directory):
-                self._set_dir_meta(existing, h, meta)
+                self._set_dir_meta(existing, meta(stat.S_IFDIR))
                 return
-            node = Directory(mode=stat.S_IFDIR | h.mode, **meta)  # type: ignore[arg-type]
+            node = Directory(**meta(stat.S_IFDIR))
         elif kind == "file":
             node = Regular(
-                mode=stat.S_IFREG | h.mode,
+                **meta(stat.S_IFREG),
                 size=h.size,
                 data=m.data if h.size else b"",
                 object_id=m.object_id,
-                **meta,  # type: ignore[arg-type]
             )
         elif kind == "hardlink":
             target_parts = normalize(h.linkname)
@@ -231,22 +248,21 @@ class Flattener:
                 raise ValueError("hardlink to a directory")
             node = target
         elif kind == "symlink":
-            node = Symlink(mode=stat.S_IFLNK | 0o777, target=h.linkname, **meta)  # type: ignore[arg-type]
+            node = Symlink(**meta(stat.S_IFLNK), target=h.linkname)
+            node.mode = stat.S_IFLNK | 0o777  # symlinks have no mode of their own on Linux
         elif kind in ("char", "block"):
             fmt = stat.S_IFCHR if kind == "char" else stat.S_IFBLK
-            node = Device(mode=fmt | h.mode, rdev=os.makedev(h.devmajor, h.devminor), **meta)  # type: ignore[arg-type]
+            node = Device(**meta(fmt), rdev=os.makedev(h.devmajor, h.devminor))
         elif kind == "fifo":
-            node = Fifo(mode=stat.S_IFIFO | h.mode, **meta)  # type: ignore[arg-type]
+            node = Fifo(**meta(stat.S_IFIFO))
         else:
             raise ValueError(f"unsupported entry type {kind}")
         parent.entries[name] = node
 
     @staticmethod
-    def _set_dir_meta(d: Directory, h: TarHeader, meta: dict[str, object]) -> None:
-        d.mode = stat.S_IFDIR | h.mode
-        d.uid, d.gid = h.uid, h.gid
-        d.mtime, d.mtime_nsec = h.mtime, h.mtime_nsec
-        d.xattrs = meta["xattrs"]  # type: ignore[assignment]
+    def _set_dir_meta(d: Directory, meta: InodeMeta) -> None:
+        d.mode, d.uid, d.gid = meta["mode"], meta["uid"], meta["gid"]
+        d.mtime, d.mtime_nsec, d.xattrs = meta["mtime"], meta["mtime_nsec"], meta["xattrs"]
 
 
 def flatten(repo: Repository, layers: Sequence[tuple[str, str]]) -> Directory:
