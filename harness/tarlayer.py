@@ -33,3 +33,25 @@ def layer_from_tar(repo: Repository, tar: bytes) -> tuple[str, str]:
     writer.write_inline(tar[pos:])
     did = diff_id(tar)
     return did, repo.write_stream(layer_content_id(did), writer.finish())
+
+
+TarEntry = tuple[str, bytes, dict[str, object]]
+
+
+def entry(name: str, data: bytes = b"x" * 100, **attrs: object) -> TarEntry:
+    """A tar member: its name, content (regular files) and tarfile.TarInfo attributes to set."""
+    return (name, data, attrs)
+
+
+def make_tar(*entries: TarEntry) -> bytes:
+    """A PAX tar with exactly these members, in this order (fixed mtime)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data, attrs in entries:
+            info = tarfile.TarInfo(name)
+            info.mtime = 1_700_000_000
+            for key, value in attrs.items():
+                setattr(info, key, value)
+            info.size = len(data) if info.type in (tarfile.REGTYPE, tarfile.AREGTYPE) else 0
+            tf.addfile(info, io.BytesIO(data) if info.size else None)
+    return buf.getvalue()

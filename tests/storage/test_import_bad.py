@@ -18,47 +18,31 @@ from harness.cstore_fixtures import BuiltImage, StoreDirs, copy_into_store, make
 from harness.loopfs import LoopFs
 from harness.pytest_plugin import run_cli
 from harness.run import CommandError
+from harness.tarlayer import entry, make_tar
 from harness.treecompare import differences, snapshot_dir
 
 pytestmark = [pytest.mark.storage, pytest.mark.fs("xfs")]
 
 
-def tar(*entries: tuple[str, bytes, dict[str, object]]) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data, kw in entries:
-            ti = tarfile.TarInfo(name)
-            ti.mtime = 1_700_000_000
-            for k, v in kw.items():
-                setattr(ti, k, v)
-            ti.size = len(data) if ti.type in (tarfile.REGTYPE, tarfile.AREGTYPE) else 0
-            tf.addfile(ti, io.BytesIO(data) if ti.size else None)
-    return buf.getvalue()
-
-
-def f(name: str, data: bytes = b"x" * 100, **kw: object) -> tuple[str, bytes, dict[str, object]]:
-    return (name, data, kw)
-
-
-BASE = tar(f("etc", b"", type=tarfile.DIRTYPE, mode=0o755), f("etc/os-release"), f("target", b"t" * 100))
+BASE = make_tar(
+    entry("etc", b"", type=tarfile.DIRTYPE, mode=0o755), entry("etc/os-release"), entry("target", b"t" * 100)
+)
 
 REFUSED_BY_PODMAN = {
-    "hardlink-missing": tar(f("hl", type=tarfile.LNKTYPE, linkname="nothere")),
-    "hardlink-later": tar(f("hl", type=tarfile.LNKTYPE, linkname="later"), f("later")),
-    "duplicate": tar(f("dup", b"1" * 100), f("dup", b"2" * 200)),
-    "through-symlink": tar(f("lnk", type=tarfile.SYMTYPE, linkname="/etc"), f("lnk/passwd")),
+    "hardlink-missing": make_tar(entry("hl", type=tarfile.LNKTYPE, linkname="nothere")),
+    "hardlink-later": make_tar(entry("hl", type=tarfile.LNKTYPE, linkname="later"), entry("later")),
+    "duplicate": make_tar(entry("dup", b"1" * 100), entry("dup", b"2" * 200)),
+    "through-symlink": make_tar(entry("lnk", type=tarfile.SYMTYPE, linkname="/etc"), entry("lnk/passwd")),
 }
 REFUSED_BY_US = {
-    "dotdot": (tar(f("../x")), "../x"),
-    "dotdot-inside": (tar(f("a/../../b")), "a/../../b"),
-    "xattr-too-big": (tar(f("big", pax_headers={"SCHILY.xattr.user.big": "v" * 65536})), "big"),
+    "dotdot": (make_tar(entry("../x")), "../x"),
+    "dotdot-inside": (make_tar(entry("a/../../b")), "a/../../b"),
+    "xattr-too-big": (make_tar(entry("big", pax_headers={"SCHILY.xattr.user.big": "v" * 65536})), "big"),
 }
 AS_PODMAN = {
-    "absolute": tar(f("/abs")),
-    "symlink-loop": tar(
-        f("s1", type=tarfile.SYMTYPE, linkname="s2"), f("s2", type=tarfile.SYMTYPE, linkname="s1")
+    "absolute": make_tar(entry("/abs")),
+    "symlink-loop": make_tar(
+        entry("s1", type=tarfile.SYMTYPE, linkname="s2"), entry("s2", type=tarfile.SYMTYPE, linkname="s1")
     ),
 }
 

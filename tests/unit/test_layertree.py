@@ -5,7 +5,6 @@ Each bad entry is refused with one line naming the layer (its DiffID) and the en
 
 from __future__ import annotations
 
-import io
 import stat
 import tarfile
 from pathlib import Path
@@ -15,26 +14,7 @@ import pytest
 from bootc_unified.erofs.tree import Directory, Regular, Symlink
 from bootc_unified.layertree import LayerError, flatten
 from bootc_unified.repository import Repository
-from harness.tarlayer import layer_from_tar
-
-Entry = tuple[str, bytes, dict[str, object]]
-
-
-def tar(*entries: Entry) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data, kw in entries:
-            ti = tarfile.TarInfo(name)
-            ti.mtime = 1_700_000_000
-            for k, v in kw.items():
-                setattr(ti, k, v)
-            ti.size = len(data) if ti.type in (tarfile.REGTYPE, tarfile.AREGTYPE) else 0
-            tf.addfile(ti, io.BytesIO(data) if ti.size else None)
-    return buf.getvalue()
-
-
-def f(name: str, data: bytes = b"x" * 100, **kw: object) -> Entry:
-    return (name, data, kw)
+from harness.tarlayer import entry, layer_from_tar, make_tar
 
 
 @pytest.fixture
@@ -46,19 +26,27 @@ def flat(repo: Repository, *layers: bytes) -> Directory:
     return flatten(repo, [layer_from_tar(repo, t) for t in layers])
 
 
-BASE = tar(f("etc", b"", type=tarfile.DIRTYPE, mode=0o755), f("etc/os-release"), f("target"))
+BASE = make_tar(entry("etc", b"", type=tarfile.DIRTYPE, mode=0o755), entry("etc/os-release"), entry("target"))
 
 
 @pytest.mark.parametrize(
     ("bad", "entry", "why"),
     [
-        (tar(f("../x")), "../x", "'..'"),
-        (tar(f("a/../../b")), "a/../../b", "'..'"),
-        (tar(f("hl", type=tarfile.LNKTYPE, linkname="nothere")), "hl", "does not exist"),
-        (tar(f("hl", type=tarfile.LNKTYPE, linkname="later"), f("later")), "hl", "does not exist"),
-        (tar(f("dup", b"1" * 100), f("dup", b"2" * 200)), "dup", "duplicate"),
-        (tar(f("lnk", type=tarfile.SYMTYPE, linkname="/etc"), f("lnk/passwd")), "lnk/passwd", "symlink"),
-        (tar(f("big", pax_headers={"SCHILY.xattr.user.big": "v" * 65536})), "big", "EROFS"),
+        (make_tar(entry("../x")), "../x", "'..'"),
+        (make_tar(entry("a/../../b")), "a/../../b", "'..'"),
+        (make_tar(entry("hl", type=tarfile.LNKTYPE, linkname="nothere")), "hl", "does not exist"),
+        (
+            make_tar(entry("hl", type=tarfile.LNKTYPE, linkname="later"), entry("later")),
+            "hl",
+            "does not exist",
+        ),
+        (make_tar(entry("dup", b"1" * 100), entry("dup", b"2" * 200)), "dup", "duplicate"),
+        (
+            make_tar(entry("lnk", type=tarfile.SYMTYPE, linkname="/etc"), entry("lnk/passwd")),
+            "lnk/passwd",
+            "symlink",
+        ),
+        (make_tar(entry("big", pax_headers={"SCHILY.xattr.user.big": "v" * 65536})), "big", "EROFS"),
     ],
 )
 def test_bad_entries_are_refused_naming_layer_and_entry(
@@ -77,10 +65,10 @@ def test_absolute_names_and_symlink_loops_as_podman(repo: Repository) -> None:
     root = flat(
         repo,
         BASE,
-        tar(
-            f("/abs"),
-            f("s1", type=tarfile.SYMTYPE, linkname="s2"),
-            f("s2", type=tarfile.SYMTYPE, linkname="s1"),
+        make_tar(
+            entry("/abs"),
+            entry("s1", type=tarfile.SYMTYPE, linkname="s2"),
+            entry("s2", type=tarfile.SYMTYPE, linkname="s1"),
         ),
     )
     assert isinstance(root.entries[b"abs"], Regular)
@@ -89,22 +77,22 @@ def test_absolute_names_and_symlink_loops_as_podman(repo: Repository) -> None:
 
 
 def test_whiteouts_opaque_and_hardlinks(repo: Repository) -> None:
-    lower = tar(
-        f("d", b"", type=tarfile.DIRTYPE, mode=0o755),
-        f("d/a"),
-        f("d/b"),
-        f("o", b"", type=tarfile.DIRTYPE, mode=0o755),
-        f("o/old"),
-        f("gone"),
-        f("keep", b"k" * 70),
-        f("keep-link", type=tarfile.LNKTYPE, linkname="keep"),
+    lower = make_tar(
+        entry("d", b"", type=tarfile.DIRTYPE, mode=0o755),
+        entry("d/a"),
+        entry("d/b"),
+        entry("o", b"", type=tarfile.DIRTYPE, mode=0o755),
+        entry("o/old"),
+        entry("gone"),
+        entry("keep", b"k" * 70),
+        entry("keep-link", type=tarfile.LNKTYPE, linkname="keep"),
     )
-    upper = tar(
-        f("d/.wh.a", b""),
-        f("o/.wh..wh..opq", b""),
-        f("o/new"),
-        f("gone", type=tarfile.CHRTYPE, devmajor=0, devminor=0),  # overlay-style whiteout
-        f("d/c", mode=0o4755, uid=70000, gid=70001),
+    upper = make_tar(
+        entry("d/.wh.a", b""),
+        entry("o/.wh..wh..opq", b""),
+        entry("o/new"),
+        entry("gone", type=tarfile.CHRTYPE, devmajor=0, devminor=0),  # overlay-style whiteout
+        entry("d/c", mode=0o4755, uid=70000, gid=70001),
     )
     root = flat(repo, lower, upper)
     d, o = root.entries[b"d"], root.entries[b"o"]
