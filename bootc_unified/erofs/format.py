@@ -86,6 +86,7 @@ METACOPY = b"trusted.overlay.metacopy"
 REDIRECT = b"trusted.overlay.redirect"
 
 
+@lru_cache(maxsize=65536)
 def split_xattr_name(name: bytes) -> tuple[int, bytes] | None:
     """(prefix index, suffix) of a full xattr name, or None if EROFS has no prefix for it."""
     for index, prefix in _PREFIX_ORDER:
