@@ -10,6 +10,8 @@ import os
 import secrets
 from pathlib import Path
 
+from bootc_unified import faults
+
 TMP_PREFIX = ".tmp-"
 
 
@@ -27,6 +29,7 @@ def replace_symlink(link: Path, target: str) -> None:
     link.parent.mkdir(parents=True, exist_ok=True)
     tmp = link.parent / f"{TMP_PREFIX}{secrets.token_hex(8)}"
     os.symlink(target, tmp)
+    faults.point("link-before-rename")
     try:
         os.rename(tmp, link)
     except BaseException:

@@ -1,0 +1,92 @@
+"""Crash safety of the import: a real SIGKILL at 24 points (objects, streams, links, image, refs)
+always leaves a repository that fsck accepts and no ref; running the import again completes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bootc_unified.imgstore import ImageStore
+from harness.loopfs import LoopFs
+from harness.pytest_plugin import run_cli
+from harness.testimages import TestImages
+
+pytestmark = pytest.mark.storage
+
+POINTS = [
+    "object-before-link:1",
+    "object-before-link:2",
+    "object-before-link:4",
+    "object-after-link:1",
+    "object-after-link:3",
+    "import-layer-entry:1",
+    "import-layer-entry:3",
+    "import-layer-entry:7",
+    "import-layer-entry:12",
+    "import-layer-before-publish:1",
+    "import-layer-before-publish:2",
+    "object-after-link:6",
+    "link-before-rename:1",
+    "link-before-rename:2",
+    "link-before-rename:3",
+    "link-before-rename:4",
+    "link-before-rename:5",
+    "link-before-rename:6",
+    "link-before-rename:7",
+    "create-image-before-store:1",
+    "import-after-config:1",
+    "import-after-manifest:1",
+    "import-after-ref:1",
+    "object-before-link:9",
+]
+
+
+@pytest.fixture
+def pulled(loopfs: LoopFs, test_images: TestImages) -> Iterator[tuple[ImageStore, str]]:
+    sysroot = loopfs.path / "sysroot"
+    sysroot.mkdir()
+    store = ImageStore.ensure(sysroot)
+    ref = test_images["features"].ref
+    store.pull(ref, tls_verify=False)
+    yield store, ref
+    store.cleanup_runtime()
+
+
+def stream_refs(repo: Path) -> list[Path]:
+    """Refs, without the temporary links a kill can leave (fsck ignores them, GC removes them)."""
+    return [
+        p for p in (repo / "streams" / "refs").rglob("*") if p.is_symlink() and not p.name.startswith(".tmp-")
+    ]
+
+
+@pytest.mark.fs("xfs", "ext4")
+def test_kill_anywhere_then_fsck_and_rerun(loopfs: LoopFs, pulled: tuple[ImageStore, str]) -> None:
+    assert len(set(POINTS)) >= 20
+    store, ref = pulled
+    import_args = ["import", "--zerocopy", "--storage", str(store.root), ref]
+    for n, point in enumerate(POINTS):
+        repo = loopfs.path / f"composefs-{n}"
+        run_cli("internals", "cfs", "--repo", repo, "init", "--insecure")
+        crashed = run_cli(
+            "internals",
+            "cfs",
+            "--repo",
+            repo,
+            *import_args,
+            check=False,
+            env={"BOOTC_UNIFIED_CRASH_AT": point},
+        )
+        assert crashed.returncode == -9, f"{point}: the import did not reach this point ({crashed.stderr})"
+        fsck = run_cli("internals", "cfs", "--repo", repo, "fsck", check=False)
+        assert fsck.returncode == 0, f"after a kill at {point}: {fsck.stdout}{fsck.stderr}"
+        if point != "import-after-ref:1":
+            image_refs = [p for p in stream_refs(repo) if p.name.endswith("features-gzip:latest")]
+            assert image_refs == [], f"a kill at {point} published the ref"
+        run_cli("internals", "cfs", "--repo", repo, *import_args)
+        assert run_cli("internals", "cfs", "--repo", repo, "fsck").returncode == 0
+        assert len(stream_refs(repo)) == 1
+        run_cli("internals", "cfs", "--repo", repo, "gc")
+        assert list(repo.rglob(".tmp-*")) == []
+        assert run_cli("internals", "cfs", "--repo", repo, "fsck").returncode == 0
