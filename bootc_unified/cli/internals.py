@@ -87,6 +87,11 @@ def _register_cfs(groups: Any) -> None:
     create.add_argument("image", metavar="IMAGE")
     create.set_defaults(func=_cfs_create_image)
 
+    mnt = verbs.add_parser("mount", help="mount an EROFS image (erofs + overlay on the objects)")
+    mnt.add_argument("image", metavar="IMAGE_ID", help="an image ID, or the name of an imported image")
+    mnt.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    mnt.set_defaults(func=_cfs_mount)
+
     gc = verbs.add_parser("gc", help="remove objects, streams and images no ref reaches")
     gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     gc.set_defaults(func=_cfs_gc)
@@ -136,6 +141,23 @@ def _cfs_create_image(args: argparse.Namespace) -> int:
     from bootc_unified.repository import Repository
 
     print(recreate_image(Repository.open(args.repo), args.image))
+    return 0
+
+
+def _cfs_mount(args: argparse.Namespace) -> int:
+    from bootc_unified.erofs.mount import mount
+    from bootc_unified.importer import image_ref_name
+    from bootc_unified.repository import Repository
+    from bootc_unified.repository.refs import object_id_of
+
+    repo = Repository.open(args.repo)
+    image_id = args.image
+    if not (repo.path / "images" / image_id).is_symlink():
+        image_id = object_id_of(repo.path / "images" / "refs" / image_ref_name(args.image), repo.objects.dir)
+        if image_id is None:
+            raise UserError(f"{repo.path}: no image {args.image!r} (neither an image ID nor an image name)")
+    verity_mode = "off" if repo.insecure else "require"
+    mount(repo.image_path(image_id), repo.objects.dir, args.mountpoint, verity_mode)
     return 0
 
 

@@ -14,12 +14,13 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 from bootc_unified.errors import UserError
 
 VERITY_MODES = ("off", "on", "require")
+LOWER_BASE = Path("/run/bootc-unified/composefs")
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
@@ -56,10 +57,12 @@ def mount_erofs(image: Path, mountpoint: Path) -> Iterator[Path]:
         _umount(mountpoint)
 
 
-@contextmanager
-def mounted(image: Path, objects: Path, mountpoint: Path, verity: str = "off") -> Iterator[Path]:
-    """The composefs image mounted at `mountpoint`, file data from `objects` (objects/XX/rest).
+def mount(image: Path, objects: Path, mountpoint: Path, verity: str = "off") -> None:
+    """Mount the composefs image at `mountpoint`, file data from `objects` (objects/XX/rest); it stays
+    mounted (undo with `umount MOUNTPOINT`).
 
+    The EROFS is mounted on a temporary lower directory under /run, the overlay on top of it, then
+    the lower mount is detached: overlayfs holds its own private clone of each layer.
     `verity`: "off" (the host kernel has no fs-verity), "on" (check digests where files have
     verity), "require" (every file must have verity and match the image's digest).
     """
@@ -69,14 +72,24 @@ def mounted(image: Path, objects: Path, mountpoint: Path, verity: str = "off") -
     for p, what in ((image, "image"), (objects, "objects directory"), (mountpoint, "mount point")):
         if not p.exists():
             raise UserError(f"{p}: no such {what}")
-    with ExitStack() as stack:
-        lower = Path(tempfile.mkdtemp(prefix=".composefs-lower-", dir=mountpoint.parent))
-        stack.callback(shutil.rmtree, lower, ignore_errors=True)
-        stack.enter_context(mount_erofs(image, lower))
-        lowerdir = f"{_check_option_path(lower)}::{_check_option_path(objects)}"
-        options = f"ro,metacopy=on,redirect_dir=on,lowerdir={lowerdir}"
-        if verity != "off":
-            options += f",verity={verity}"
-        _mount(["mount", "-t", "overlay", "composefs", "-o", options, str(mountpoint)], f"{image}")
-        stack.callback(_umount, mountpoint)
-        yield mountpoint
+    LOWER_BASE.mkdir(parents=True, exist_ok=True)
+    lower = Path(tempfile.mkdtemp(prefix="lower-", dir=LOWER_BASE))
+    try:
+        with mount_erofs(image, lower):
+            lowerdir = f"{_check_option_path(lower)}::{_check_option_path(objects)}"
+            options = f"ro,metacopy=on,redirect_dir=on,lowerdir={lowerdir}"
+            if verity != "off":
+                options += f",verity={verity}"
+            _mount(["mount", "-t", "overlay", "composefs", "-o", options, str(mountpoint)], f"{image}")
+    finally:
+        shutil.rmtree(lower, ignore_errors=True)
+
+
+@contextmanager
+def mounted(image: Path, objects: Path, mountpoint: Path, verity: str = "off") -> Iterator[Path]:
+    """`mount()` for the duration of a with-block; always unmounted afterwards."""
+    mount(image, objects, mountpoint, verity)
+    try:
+        yield Path(mountpoint)
+    finally:
+        _umount(Path(mountpoint))

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from bootc_unified.cstorage import Store
-from bootc_unified.erofs.mount import mounted
 from bootc_unified.imgstore import ImageStore
 from bootc_unified.importer import import_image, layer_content_id
 from bootc_unified.layertree import flatten
@@ -160,8 +159,16 @@ def test_mounted_image_equals_podman_view(
     subprocess.run(["fsck.erofs", str(image)], check=True, capture_output=True)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    with mounted(image, repo.path / "objects", mnt):
+    run_cli("internals", "cfs", "--repo", repo.path, "mount", ref, mnt)  # by name, then by ID
+    try:
         ours = snapshot_dir(mnt)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    run_cli("internals", "cfs", "--repo", repo.path, "mount", image_id, mnt)
+    try:
+        assert differences(ours, snapshot_dir(mnt)) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
     theirs = podman_view(store, ref)
     ours.records[b"/"] = theirs.records[b"/"]
     assert differences(theirs, ours) == []
