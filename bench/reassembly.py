@@ -28,31 +28,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bootc_unified.cstorage import Store, reassemble
-from harness.cstore_fixtures import StoreDirs, make_store_dirs, release_store
+from harness.cstore_fixtures import build_layered_image, make_store_dirs, release_store
 from harness.run import run
 
 DEFAULT_SOURCES = ["/usr/bin", "/usr/libexec", f"/usr/lib/python3.{sys.version_info.minor}"]
 IMAGE = "localhost/bench-reassembly:latest"
-
-
-def build_image(store: StoreDirs, sources: list[str]) -> None:
-    base = [
-        "buildah",
-        "--root",
-        str(store.root),
-        "--runroot",
-        str(store.runroot),
-        "--storage-driver",
-        "overlay",
-    ]
-    parent = "scratch"
-    for i, src in enumerate(sources):
-        ctr = run([*base, "from", "--pull-never", parent], env=store.env).stdout.strip()
-        run([*base, "copy", ctr, src, src], env=store.env, timeout=1800)
-        tag = f"{IMAGE}-{i}" if i < len(sources) - 1 else IMAGE
-        run([*base, "commit", "--quiet", ctr, tag], env=store.env, timeout=1800)
-        run([*base, "rm", ctr], env=store.env)
-        parent = tag
 
 
 def layer_media_types(oci: Path) -> str:
@@ -86,7 +66,7 @@ def main() -> int:
     dirs = make_store_dirs(work / "store")
     try:
         t0 = time.perf_counter()
-        build_image(dirs, sources)
+        build_layered_image(dirs, sources, IMAGE)
         print(f"built {IMAGE} from {', '.join(sources)} in {time.perf_counter() - t0:.1f} s", flush=True)
 
         store = Store.open(dirs.root)

@@ -294,3 +294,25 @@ def buildah_tree_image(src: Path, dest: str, workdir: Path, layout: Path, tag: s
     run([*base, "commit", "--quiet", ctr, f"oci:{layout}:{tag}"], env=store.env, timeout=600)
     run([*base, "rm", ctr], env=store.env)
     release_store(store)
+
+
+def build_layered_image(store: StoreDirs, sources: list[str], image: str) -> None:
+    """`image` in `store`, one layer per source directory (buildah copy + commit, no RUN steps), each
+    directory at its own path inside the image."""
+    base = [
+        "buildah",
+        "--root",
+        str(store.root),
+        "--runroot",
+        str(store.runroot),
+        "--storage-driver",
+        "overlay",
+    ]
+    parent = "scratch"
+    for i, src in enumerate(sources):
+        ctr = run([*base, "from", "--pull-never", parent], env=store.env).stdout.strip()
+        run([*base, "copy", ctr, src, src], env=store.env, timeout=1800)
+        tag = f"{image}-{i}" if i < len(sources) - 1 else image
+        run([*base, "commit", "--quiet", ctr, tag], env=store.env, timeout=1800)
+        run([*base, "rm", ctr], env=store.env)
+        parent = tag
