@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 ENV = "BOOTC_UNIFIED_CRASH_AT"
 _hits: dict[str, int] = {}
+_lock = threading.Lock()  # points are reached from worker threads too
 
 
 def point(name: str) -> None:
@@ -21,6 +23,7 @@ def point(name: str) -> None:
     target, _, nth = spec.partition(":")
     if target != name:
         return
-    _hits[name] = _hits.get(name, 0) + 1
-    if _hits[name] >= int(nth or 1):
+    with _lock:
+        _hits[name] = hits = _hits.get(name, 0) + 1
+    if hits >= int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)

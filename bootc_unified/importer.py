@@ -14,19 +14,21 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bootc_unified import faults
 from bootc_unified.cstorage import Image, Layer, Segment, Store, read_entries
 from bootc_unified.cstorage.reassemble import LayerDigestMismatch, StreamHasher, content_path
-from bootc_unified.cstorage.tarsplit import TarSplitError
+from bootc_unified.cstorage.tarsplit import FileEntry, TarSplitError
 from bootc_unified.errors import UserError
 from bootc_unified.repository import Repository, escape_ref, splitstream
 from bootc_unified.repository.refs import object_id_of
 from bootc_unified.repository.stats import ImportStats
 
 INLINE_MAX = 64  # file contents up to this size stay inline in the layer stream
+IMPORT_WORKERS = min(4, (os.cpu_count() or 1) + 1)
 IMAGE_REF = "composefs.image"
 
 
@@ -68,17 +70,20 @@ class ImportResult:
 
 
 def import_layer(repo: Repository, layer: Layer, stats: ImportStats, zerocopy: bool) -> str:
-    """Write the layer's splitstream (verified against its DiffID) and return the stream's object ID."""
+    """Write the layer's splitstream (verified against its DiffID) and return the stream's object ID.
+
+    Objects are added by a small thread pool running ahead of the stream (reflink, verity and
+    hashing all release the GIL); the stream, the sha256 over it and the CRC checks stay in order.
+    """
     label = layer.label
     if not layer.diff_path.is_dir():
         raise UserError(f"layer {label}: diff directory {layer.diff_path} is missing")
     base = os.fsencode(layer.diff_path)
-    writer = splitstream.Writer(repo.alg, splitstream.OCI_LAYER)
-    hasher = StreamHasher(None)
+    items: list[Segment | tuple[FileEntry, bytes, str]] = []
+    large: list[Path] = []
     for entry in read_entries(layer.tar_split_path, label):
         if isinstance(entry, Segment):
-            writer.write_inline(entry.data)
-            hasher.segment(entry.data)
+            items.append(entry)
             continue
         if entry.size == 0:
             continue
@@ -87,17 +92,33 @@ def import_layer(repo: Repository, layer: Layer, stats: ImportStats, zerocopy: b
             path = content_path(base, entry.name)
         except ValueError as e:
             raise TarSplitError(f"{where}: {e}") from e
-        if entry.size <= INLINE_MAX:
-            data = _read_small(path, entry.size, where)
-            writer.write_inline(data)
-        else:
-            result = repo.ensure_object_from_file(Path(os.fsdecode(path)), zerocopy=zerocopy)
-            if result.size != entry.size:
-                raise UserError(f"{where}: diff file is {result.size} bytes, tar-split says {entry.size}")
-            stats.record(result)
-            writer.write_external(result.object_id, entry.size)
-        hasher.file(path, entry, where)  # sha256 for the DiffID check, CRC-64 against tar-split
-        faults.point("import-layer-entry")
+        items.append((entry, path, where))
+        if entry.size > INLINE_MAX:
+            large.append(Path(os.fsdecode(path)))
+
+    writer = splitstream.Writer(repo.alg, splitstream.OCI_LAYER)
+    hasher = StreamHasher(None)
+    pool = ThreadPoolExecutor(max_workers=IMPORT_WORKERS)
+    try:
+        added = pool.map(lambda p: repo.ensure_object_from_file(p, zerocopy=zerocopy), large)
+        for item in items:
+            if isinstance(item, Segment):
+                writer.write_inline(item.data)
+                hasher.segment(item.data)
+                continue
+            entry, path, where = item
+            if entry.size <= INLINE_MAX:
+                writer.write_inline(_read_small(path, entry.size, where))
+            else:
+                result = next(added)
+                if result.size != entry.size:
+                    raise UserError(f"{where}: diff file is {result.size} bytes, tar-split says {entry.size}")
+                stats.record(result)
+                writer.write_external(result.object_id, entry.size)
+            hasher.file(path, entry, where)  # sha256 for the DiffID check, CRC-64 against tar-split
+            faults.point("import-layer-entry")
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on an error, add no further objects
     digest = "sha256:" + hasher.sha.hexdigest()
     if digest != layer.diff_id:
         raise LayerDigestMismatch(

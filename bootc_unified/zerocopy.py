@@ -33,14 +33,13 @@ class ReflinkProbe:
             self._unsupported.add((src_dev, dst_dev))
 
 
-def reflink(src_fd: int, dst_fd: int, probe: ReflinkProbe) -> bool:
+def reflink(src_fd: int, dst_fd: int, probe: ReflinkProbe, devices: tuple[int, int] | None = None) -> bool:
     """Make dst (an empty file open for writing) share all of src's extents.
 
     Returns False when the two filesystems cannot reflink (the answer is cached for the device
-    pair); raises OSError for any other failure.
+    pair, `devices` = (src_dev, dst_dev) when the caller knows them); raises OSError otherwise.
     """
-    src_dev = os.fstat(src_fd).st_dev
-    dst_dev = os.fstat(dst_fd).st_dev
+    src_dev, dst_dev = devices or (os.fstat(src_fd).st_dev, os.fstat(dst_fd).st_dev)
     if probe.known_unsupported(src_dev, dst_dev):
         return False
     try:

@@ -72,7 +72,7 @@ def open_source(path: Path) -> int:
 _root_fd: int | None = None
 
 
-def link_fd(fd: int, dest: Path) -> None:
+def link_fd(fd: int, dest: str | Path) -> None:
     """linkat(2) the inode behind an open fd (an O_TMPFILE too) to `dest`.
 
     os.link() only calls linkat with AT_SYMLINK_FOLLOW, which /proc/self/fd/N needs, when it is given
@@ -97,6 +97,7 @@ class ObjectStore:
         self.alg = alg
         self.insecure = insecure
         self._dev = os.stat(self.dir).st_dev
+        self._dir_str = str(self.dir)
         self._prefixes: set[str] = set()  # objects/XX directories known to exist
         self._reflink_probe = zerocopy.ReflinkProbe()
 
@@ -104,7 +105,7 @@ class ObjectStore:
         return self.dir / object_id[:2] / object_id[2:]
 
     def __contains__(self, object_id: str) -> bool:
-        return self.path_of(object_id).exists()
+        return os.path.exists(f"{self._dir_str}/{object_id[:2]}/{object_id[2:]}")
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -155,12 +156,11 @@ class ObjectStore:
 
     def _link(self, fd: int, object_id: str) -> bool:
         """linkat the inode behind fd to its object path; False if the object already exists."""
-        dest = self.path_of(object_id)
+        prefix = f"{self._dir_str}/{object_id[:2]}"
         if object_id[:2] not in self._prefixes:
-            dest.parent.mkdir(exist_ok=True)
+            os.makedirs(prefix, exist_ok=True)
             self._prefixes.add(object_id[:2])
-        if dest.exists():
-            return False
+        dest = f"{prefix}/{object_id[2:]}"
         faults.point("object-before-link")
         try:
             link_fd(fd, dest)
@@ -216,7 +216,7 @@ class ObjectStore:
         if not self._reflink_probe.known_unsupported(st.st_dev, self._dev):
             tmp = self._tmpfile()
             try:
-                cloned = zerocopy.reflink(src, tmp, self._reflink_probe)
+                cloned = zerocopy.reflink(src, tmp, self._reflink_probe, (st.st_dev, self._dev))
             except BaseException:
                 os.close(tmp)
                 raise
