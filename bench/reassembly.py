@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bootc_unified.cstorage import Store, reassemble
+from harness.benchutil import best_of
 from harness.cstore_fixtures import build_layered_image, make_store_dirs, release_store
 from harness.run import run
 
@@ -40,16 +41,6 @@ def layer_media_types(oci: Path) -> str:
     manifest_digest = index["manifests"][0]["digest"].split(":")[1]
     manifest = json.loads((oci / "blobs" / "sha256" / manifest_digest).read_text())
     return ", ".join(sorted({layer["mediaType"] for layer in manifest["layers"]}))
-
-
-def best_of(rounds: int, fn: Callable[[], object]) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> int:
@@ -99,11 +90,11 @@ def main() -> int:
 
             return copy
 
-        t_hash = best_of(args.rounds, hash_only)
-        t_files = best_of(args.rounds, to_files)
-        t_skopeo = best_of(args.rounds, skopeo())
+        t_hash = best_of(args.rounds, hash_only, warmup=True)
+        t_files = best_of(args.rounds, to_files, warmup=True)
+        t_skopeo = best_of(args.rounds, skopeo(), warmup=True)
         media = layer_media_types(oci)
-        t_plain = best_of(args.rounds, skopeo("--dest-oci-accept-uncompressed-layers"))
+        t_plain = best_of(args.rounds, skopeo("--dest-oci-accept-uncompressed-layers"), warmup=True)
         media_plain = layer_media_types(oci)
 
         mib = total / 2**20
