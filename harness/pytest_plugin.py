@@ -6,14 +6,19 @@ In CI (`CI=true`) a missing prerequisite fails the test; elsewhere it skips with
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from harness.loopfs import KINDS, LoopFs, missing_prerequisites
+
+if TYPE_CHECKING:
+    from bootc_unified.imgstore import ImageStore
 from harness.registry import Registry
 from harness.registry import missing_prerequisites as registry_missing
 from harness.testimages import TestImages, build_and_push
@@ -130,3 +135,33 @@ def test_images(registry: Registry, tmp_path_factory: pytest.TempPathFactory) ->
     """The images of images/testimages/, built with buildah and pushed (gzip and zstd) to `registry`."""
     require(testimages_missing(), "building test images")
     return build_and_push(registry.address, tmp_path_factory.mktemp("testimages"))
+
+
+def mounts_under(path: Path) -> list[str]:
+    with open("/proc/self/mounts") as f:
+        points = [line.split()[1] for line in f]
+    return [p for p in points if p.startswith(f"{path}/") or p == str(path)]
+
+
+@pytest.fixture
+def sysroot(loopfs: LoopFs) -> Iterator[Path]:
+    """An empty sysroot on the parametrized loop filesystem; afterwards, podman must have left no
+    mounts in its bootc image store (they are cleaned up either way)."""
+    from bootc_unified.imgstore import STORE_SUBPATH, ImageStore
+
+    require([] if shutil.which("podman") else ["podman not found"], "the bootc image store")
+    root = loopfs.path / "sysroot"
+    root.mkdir()
+    yield root
+    store = ImageStore(root / STORE_SUBPATH)
+    leaked = mounts_under(store.root)
+    store.cleanup_runtime()
+    assert not leaked, f"podman left mounts in the bootc store: {leaked}"
+
+
+@pytest.fixture
+def bootc_store(sysroot: Path) -> ImageStore:
+    """The bootc-owned containers-storage under `sysroot`, created."""
+    from bootc_unified.imgstore import ImageStore
+
+    return ImageStore.ensure(sysroot)

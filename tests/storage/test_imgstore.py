@@ -8,46 +8,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from bootc_unified.errors import UserError
 from bootc_unified.imgstore import STORE_SUBPATH, ImageStore, PullPolicy, pull_into
-from harness.loopfs import LoopFs
-from harness.pytest_plugin import require
 from harness.registry import Registry
 from harness.run import run
 from harness.scratchpodman import ScratchPodman
 from harness.testimages import TestImages
 
 pytestmark = pytest.mark.storage
-
-
-def podman_missing() -> list[str]:
-    return [] if shutil.which("podman") else ["podman not found"]
-
-
-@pytest.fixture
-def sysroot(loopfs: LoopFs) -> Iterator[Path]:
-    require(podman_missing(), "the bootc image store")
-    root = loopfs.path / "sysroot"
-    root.mkdir()
-    yield root
-    store = ImageStore(root / STORE_SUBPATH)
-    leaked = mounts_under(store.root)
-    store.cleanup_runtime()
-    assert not leaked, f"podman left mounts in the bootc store: {leaked}"
-
-
-def mounts_under(path: Path) -> list[str]:
-    with open("/proc/self/mounts") as f:
-        points = [line.split()[1] for line in f]
-    return [p for p in points if p.startswith(f"{path}/") or p == str(path)]
 
 
 def oracle(store: ImageStore, tmp_path: Path) -> ScratchPodman:

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,12 +29,8 @@ pytestmark = pytest.mark.storage
 
 
 @pytest.fixture
-def store(loopfs: LoopFs) -> Iterator[ImageStore]:
-    sysroot = loopfs.path / "sysroot"
-    sysroot.mkdir()
-    s = ImageStore.ensure(sysroot)
-    yield s
-    s.cleanup_runtime()
+def store(bootc_store: ImageStore) -> ImageStore:
+    return bootc_store
 
 
 def podman_diff_ids(store: ImageStore, ref: str) -> list[str]:

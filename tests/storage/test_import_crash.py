@@ -3,7 +3,6 @@ always leaves a repository that fsck accepts and no ref; running the import agai
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,14 +43,10 @@ POINTS = [
 
 
 @pytest.fixture
-def pulled(loopfs: LoopFs, test_images: TestImages) -> Iterator[tuple[ImageStore, str]]:
-    sysroot = loopfs.path / "sysroot"
-    sysroot.mkdir()
-    store = ImageStore.ensure(sysroot)
+def pulled(bootc_store: ImageStore, test_images: TestImages) -> tuple[ImageStore, str]:
     ref = test_images["features"].ref
-    store.pull(ref, tls_verify=False)
-    yield store, ref
-    store.cleanup_runtime()
+    bootc_store.pull(ref, tls_verify=False)
+    return bootc_store, ref
 
 
 def stream_refs(repo: Path) -> list[Path]:

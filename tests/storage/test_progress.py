@@ -6,19 +6,15 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bootc_unified.imgstore import STORE_SUBPATH, ImageStore
+from bootc_unified.imgstore import ImageStore
 from bootc_unified.progress import JsonLinesProgress
-from harness.loopfs import LoopFs
-from harness.pytest_plugin import require
 from harness.testimages import REPOSITORY, TestImages, fetch_manifest
 
 pytestmark = pytest.mark.storage
@@ -29,24 +25,6 @@ BYTES_FIELDS = {
 }  # fmt: skip
 SUBTASK_BYTES_FIELDS = {"subtask", "description", "id", "bytesCached", "bytes", "bytesTotal"}
 STEPS_FIELDS = {"type", "task", "description", "id", "stepsCached", "steps", "stepsTotal", "subtasks"}
-
-
-@pytest.fixture
-def sysroot(loopfs: LoopFs) -> Iterator[Path]:
-    require([] if shutil.which("podman") else ["podman not found"], "the bootc image store")
-    root = loopfs.path / "sysroot"
-    root.mkdir()
-    yield root
-    store = ImageStore(root / STORE_SUBPATH)
-    leaked = mounts_under(store.root)
-    store.cleanup_runtime()
-    assert not leaked, f"podman left mounts in the bootc store: {leaked}"
-
-
-def mounts_under(path: Path) -> list[str]:
-    with open("/proc/self/mounts") as f:
-        points = [line.split()[1] for line in f]
-    return [p for p in points if p.startswith(f"{path}/") or p == str(path)]
 
 
 def pull_with_progress_fd(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,8 @@ pytestmark = pytest.mark.storage
 
 
 @pytest.fixture
-def store(loopfs: LoopFs) -> Iterator[ImageStore]:
-    sysroot = loopfs.path / "sysroot"
-    sysroot.mkdir()
-    s = ImageStore.ensure(sysroot)
-    yield s
-    s.cleanup_runtime()
+def store(bootc_store: ImageStore) -> ImageStore:
+    return bootc_store
 
 
 def fsverity_digests(root: Path) -> set[str]:
