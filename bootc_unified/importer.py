@@ -20,8 +20,8 @@ from pathlib import Path
 
 from bootc_unified import faults
 from bootc_unified.cstorage import Image, Layer, Segment, Store, read_entries
-from bootc_unified.cstorage.reassemble import LayerDigestMismatch, StreamHasher, content_path
-from bootc_unified.cstorage.tarsplit import FileEntry, TarSplitError
+from bootc_unified.cstorage.reassemble import LayerDigestMismatch, StreamHasher, entry_content_path
+from bootc_unified.cstorage.tarsplit import FileEntry
 from bootc_unified.errors import UserError
 from bootc_unified.repository import Repository, escape_ref, splitstream
 from bootc_unified.repository.refs import object_id_of
@@ -87,11 +87,8 @@ def import_layer(repo: Repository, layer: Layer, stats: ImportStats, zerocopy: b
             continue
         if entry.size == 0:
             continue
-        where = f"layer {label}: tar-split entry {entry.position} ({entry.display_name})"
-        try:
-            path = content_path(base, entry.name)
-        except ValueError as e:
-            raise TarSplitError(f"{where}: {e}") from e
+        where = entry.where(label)
+        path = entry_content_path(base, entry, where)
         items.append((entry, path, where))
         if entry.size > INLINE_MAX:
             large.append(Path(os.fsdecode(path)))

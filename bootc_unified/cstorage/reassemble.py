@@ -48,6 +48,14 @@ def content_path(diff_dir: bytes, name: bytes) -> bytes:
     return os.path.join(diff_dir, *parts)
 
 
+def entry_content_path(diff_dir: bytes, entry: FileEntry, where: str) -> bytes:
+    """content_path() for a tar-split entry, as a TarSplitError naming the entry when unsafe."""
+    try:
+        return content_path(diff_dir, entry.name)
+    except ValueError as e:
+        raise TarSplitError(f"{where}: {e}") from e
+
+
 class StreamHasher:
     """Streams file contents into the hash and the sink with one reusable 1 MiB buffer."""
 
@@ -120,12 +128,8 @@ def reassemble_stream(tar_split: Path, diff_dir: Path, label: str, sink: Sink | 
             continue
         if entry.size == 0:
             continue
-        where = f"layer {label}: tar-split entry {entry.position} ({entry.display_name})"
-        try:
-            path = content_path(base, entry.name)
-        except ValueError as e:
-            raise TarSplitError(f"{where}: {e}") from e
-        copier.file(path, entry, where)
+        where = entry.where(label)
+        copier.file(entry_content_path(base, entry, where), entry, where)
         files += 1
         file_bytes += entry.size
     return Reassembly("sha256:" + copier.sha.hexdigest(), copier.size, files, file_bytes)

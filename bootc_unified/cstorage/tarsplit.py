@@ -52,6 +52,10 @@ class FileEntry:
     def display_name(self) -> str:
         return self.name.decode("utf-8", "backslashreplace")
 
+    def where(self, layer: str) -> str:
+        """How errors about this entry name it."""
+        return f"layer {layer}: tar-split entry {self.position} ({self.display_name})"
+
 
 @dataclass(frozen=True, slots=True)
 class Segment:

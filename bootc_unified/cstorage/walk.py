@@ -79,7 +79,7 @@ def walk_layer(layer: Layer, *, verify: bool = True) -> Iterator[LayerEntry]:
             if copier is not None:
                 copier.segment(item.data)
             continue
-        where = f"layer {label}: tar-split entry {item.position} ({item.display_name})"
+        where = item.where(label)
         try:
             if len(pending) < padding:
                 raise HeaderError("segment shorter than the previous member's padding")
