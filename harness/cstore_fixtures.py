@@ -49,8 +49,14 @@ class StoreDirs:
         return f"containers-storage:[overlay@{self.root}+{self.runroot}]{name}"
 
     def podman(self, *args: str) -> list[str]:
+        return self._tool("podman", args)
+
+    def buildah(self, *args: str) -> list[str]:
+        return self._tool("buildah", args)
+
+    def _tool(self, tool: str, args: tuple[str, ...]) -> list[str]:
         return [
-            "podman",
+            tool,
             "--root",
             str(self.root),
             "--runroot",
@@ -280,15 +286,7 @@ def edge_case_images() -> list[BuiltImage]:
 def buildah_tree_image(src: Path, dest: str, workdir: Path, layout: Path, tag: str) -> None:
     """An image whose one layer containers/storage itself produced (buildah copy + commit) from `src`."""
     store = make_store_dirs(workdir)
-    base = [
-        "buildah",
-        "--root",
-        str(store.root),
-        "--runroot",
-        str(store.runroot),
-        "--storage-driver",
-        "overlay",
-    ]
+    base = store.buildah()
     ctr = run([*base, "from", "scratch"], env=store.env).stdout.strip()
     run([*base, "copy", ctr, str(src), dest], env=store.env, timeout=600)
     run([*base, "commit", "--quiet", ctr, f"oci:{layout}:{tag}"], env=store.env, timeout=600)
@@ -299,15 +297,7 @@ def buildah_tree_image(src: Path, dest: str, workdir: Path, layout: Path, tag: s
 def build_layered_image(store: StoreDirs, sources: list[str], image: str) -> None:
     """`image` in `store`, one layer per source directory (buildah copy + commit, no RUN steps), each
     directory at its own path inside the image."""
-    base = [
-        "buildah",
-        "--root",
-        str(store.root),
-        "--runroot",
-        str(store.runroot),
-        "--storage-driver",
-        "overlay",
-    ]
+    base = store.buildah()
     parent = "scratch"
     for i, src in enumerate(sources):
         ctr = run([*base, "from", "--pull-never", parent], env=store.env).stdout.strip()
