@@ -66,6 +66,9 @@ class Repository:
             for sub in SUBDIRS:
                 (tmp / sub).mkdir()
             os.chmod(tmp, 0o755)
+            # Hardlinked objects keep their source's mode (setuid bits included): only root may
+            # reach them; overlayfs looks them up with the mounter's credentials.
+            os.chmod(tmp / "objects", 0o700)
             meta = Meta(alg=alg, insecure=insecure)
             meta.write(tmp)
             os.rename(tmp, path)  # replaces an empty directory atomically

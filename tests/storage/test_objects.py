@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 from pathlib import Path
 
@@ -181,3 +182,14 @@ def test_reflink_probe_does_not_outlive_a_mount(tmp_path: Path) -> None:
             src = make_source(fs, 20_000)
             repo = Repository.init(fs.path / "composefs", insecure=True)
             assert repo.ensure_object_from_file(src).method is expected
+
+
+@pytest.mark.fs("ext4")
+def test_objects_dir_is_private(loopfs: LoopFs) -> None:
+    """A hardlinked setuid source stays setuid as an object: objects/ must not be reachable by others."""
+    src = make_source(loopfs, 5000)
+    os.chmod(src, 0o4755)
+    repo = init_repo(loopfs.path / "composefs")
+    [out] = add(repo, src)
+    assert os.stat(object_path(repo, str(out["object_id"]))).st_mode & 0o4000
+    assert stat.S_IMODE(os.stat(repo / "objects").st_mode) == 0o700
