@@ -137,7 +137,7 @@ def test_flattened_tree_equals_podman_view(
     assert differences(theirs, ours) == []
 
 
-@pytest.mark.parametrize("name", ["features", "small-b"])
+@pytest.mark.parametrize("name", ["features", "small-a", "small-b"])
 def test_mounted_image_equals_podman_view(
     loopfs: LoopFs, store: ImageStore, test_images: TestImages, name: str, tmp_path: Path
 ) -> None:
