@@ -137,13 +137,16 @@ def test_flattened_tree_equals_podman_view(
     assert differences(theirs, ours) == []
 
 
-@pytest.mark.parametrize("name", ["features", "small-a", "small-b"])
+@pytest.mark.parametrize(
+    ("name", "compression"),
+    [("features", "gzip"), ("features", "zstd"), ("small-a", "gzip"), ("small-b", "gzip")],
+)
 def test_mounted_image_equals_podman_view(
-    loopfs: LoopFs, store: ImageStore, test_images: TestImages, name: str, tmp_path: Path
+    loopfs: LoopFs, store: ImageStore, test_images: TestImages, name: str, compression: str, tmp_path: Path
 ) -> None:
     """The kernel mounts our EROFS image (erofs + overlay with a data-only lower) and sees what
     podman sees, path by path; fsck.erofs accepts the image."""
-    ref = test_images[name].ref
+    ref = test_images[name].refs[compression]
     store.pull(ref, tls_verify=False)
     repo = Repository.init(loopfs.path / "composefs", insecure=True)
     result = json.loads(
