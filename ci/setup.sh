@@ -7,7 +7,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${BOOTC_UNIFIED_VENV:-$here/.venv}
 
 packages=(
-    podman buildah skopeo runc uidmap docker-registry
+    podman buildah skopeo runc uidmap docker-registry busybox-static openssh-client
     btrfs-progs xfsprogs e2fsprogs dosfstools fdisk mtools util-linux
     fsverity erofs-utils
     qemu-system-x86 qemu-utils ovmf systemd-boot-efi mmdebstrap

@@ -1,1 +1,272 @@
-"""pytest plugin for the VM tier: guest images, disks, VMs (filled in by the VM harness work)."""
+"""pytest plugin for the VM tier: guest images, disks, VMs.
+
+Fixtures (the `registry` fixture and `fs_kind` parametrization come from harness.pytest_plugin):
+
+    accel          session: KVM or TCG (probed; --accel / BOOTC_UNIFIED_ACCEL override)
+    guest_image    session: guest_image("v1") -> GuestImage (cached build); .push(variant, registry)
+    disk           a qcow2 overlay over the cached v1 base disk on `fs_kind`; disk_factory(variant, fs)
+    vm             a booted Machine (SSH answers) on `disk`; vm_factory(disk, backend=None)
+
+Options: --vm-backend libvirt|qemu|mixed (mixed: XFS on plain QEMU, the others on libvirt, so one
+run proves both backends without extra boots), --accel auto|kvm|tcg, --keep-vm-on-failure
+(leaves the VM running and prints how to SSH in), --vm-artifacts DIR (default artifacts/vm).
+Per test, DIR/<test>/ gets the console log, the guest journal, and the domain XML or QEMU command
+line. Names, ports, disks and work directories are per test, so pytest-xdist workers never share
+them; the image and disk caches take file locks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from harness import disks
+from harness.disks import BaseDisk, build_base_disk, overlay
+from harness.images import GuestImage, ImageBuilder
+from harness.pytest_plugin import require
+from harness.registry import Registry
+from harness.ssh import KeyPair, ensure_keypair
+from harness.vm import BACKENDS, Accel, Machine, MachineSpec, create, detect, find_firmware, free_port
+from harness.vm import firmware as firmware_mod
+from harness.vm import libvirtd as libvirtd_mod
+from harness.vm import qemu as qemu_mod
+from harness.vm.accel import CHOICES as ACCEL_CHOICES
+
+BACKEND_ENV = "BOOTC_UNIFIED_VM_BACKEND"
+MIXED = {"btrfs": "libvirt", "ext4": "libvirt", "xfs": "qemu"}
+GUEST_MEMORY_MIB = 2048
+
+_REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+_MACHINES = pytest.StashKey[list[Machine]]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("bootc-unified VM tier")
+    group.addoption(
+        "--vm-backend",
+        choices=[*BACKENDS, "mixed"],
+        default=os.environ.get(BACKEND_ENV, "mixed"),
+        help=f"how VMs run (default: mixed = xfs on qemu, others on libvirt; env {BACKEND_ENV})",
+    )
+    group.addoption(
+        "--accel",
+        choices=ACCEL_CHOICES,
+        default="auto",
+        help="KVM or TCG; auto probes KVM with a short firmware boot (env BOOTC_UNIFIED_ACCEL)",
+    )
+    group.addoption(
+        "--keep-vm-on-failure",
+        action="store_true",
+        default=False,
+        help="leave a failed test's VM running and print how to SSH into it",
+    )
+    group.addoption(
+        "--vm-artifacts", default=None, help="per-test VM artifacts directory (default artifacts/vm)"
+    )
+
+
+# --- reports, so fixtures know whether their test failed ------------------------------------------
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    item.stash.setdefault(_REPORTS, {})[report.when] = report
+    if report.when == "call" and report.failed and item.config.getoption("--keep-vm-on-failure"):
+        for machine in item.stash.get(_MACHINES, []):
+            if machine.is_running():
+                report.sections.append(("kept VM", kept_vm_hint(machine)))
+    return report
+
+
+def kept_vm_hint(machine: Machine) -> str:
+    kill = getattr(machine, "kill_hint", lambda: "")()
+    return (
+        f"VM {machine.spec.name} ({machine.backend}) is still running:\n"
+        f"  {machine.ssh_hint()}\n"
+        f"  console: {machine.spec.console_log}\n"
+        f"  stop it: {kill}"
+    )
+
+
+def _failed(item: pytest.Item) -> bool:
+    reports = item.stash.get(_REPORTS, {})
+    return any(r.failed for r in reports.values())
+
+
+# --- session: accelerator, key, images ------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def accel(pytestconfig: pytest.Config) -> Accel:
+    require(qemu_mod.missing_prerequisites() + firmware_mod.missing_prerequisites(), "VMs")
+    return detect(str(pytestconfig.getoption("--accel")))
+
+
+@pytest.fixture(scope="session")
+def ssh_keypair() -> KeyPair:
+    require([] if shutil.which("ssh-keygen") else ["ssh-keygen (openssh-client)"], "the guest SSH key")
+    return ensure_keypair()
+
+
+@dataclass
+class GuestImages:
+    """guest_image("v1") builds (or reuses) a variant; push() puts it into a registry once per session."""
+
+    builder: ImageBuilder
+    _built: dict[str, GuestImage] = field(default_factory=dict)
+    _pushed: dict[tuple[str, str, str], str] = field(default_factory=dict)
+
+    def __call__(self, variant: str) -> GuestImage:
+        if variant not in self._built:
+            self._built[variant] = self.builder.build(variant)
+        return self._built[variant]
+
+    def push(self, variant: str, registry: Registry, reference: str | None = None) -> str:
+        """Push `variant` to `registry`; returns the reference as the *guest* sees it (10.0.2.2:PORT/...)."""
+        key = (variant, registry.address, reference or "")
+        if key not in self._pushed:
+            self._pushed[key] = self.builder.push(self(variant), registry.address, reference)
+        return guest_reference(self._pushed[key])
+
+
+def guest_reference(host_reference: str) -> str:
+    """127.0.0.1:PORT/repo:tag as seen from inside a guest on QEMU user networking."""
+    return re.sub(r"^(127\.0\.0\.1|localhost):", "10.0.2.2:", host_reference)
+
+
+def images_missing() -> list[str]:
+    tools = {"mmdebstrap": "mmdebstrap", "buildah": "buildah", "busybox": "busybox-static"}
+    return [
+        f"{tool} not found (Debian package {pkg})"
+        for tool, pkg in tools.items()
+        if shutil.which(tool) is None
+    ]
+
+
+@pytest.fixture(scope="session")
+def guest_image(ssh_keypair: KeyPair) -> GuestImages:
+    require(images_missing() + ([] if os.geteuid() == 0 else ["root"]), "guest images")
+    return GuestImages(ImageBuilder(public_key=ssh_keypair.public))
+
+
+# --- per test: disks and VMs ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Disk:
+    base: BaseDisk
+    path: Path  # this test's qcow2 overlay
+
+    @property
+    def fs(self) -> str:
+        return self.base.fs
+
+
+DiskFactory = Callable[[str, str], Disk]
+
+
+@pytest.fixture
+def disk_factory(guest_image: GuestImages, tmp_path: Path) -> DiskFactory:
+    """disk_factory(variant, fs): a fresh overlay over the cached base disk of that image and fs."""
+    counter = iter(range(1_000_000))
+
+    def factory(variant: str, fs: str) -> Disk:
+        require(disks.missing_prerequisites(fs), f"a {fs} guest disk")
+        base = build_base_disk(guest_image.builder, guest_image(variant), fs)
+        return Disk(base, overlay(base, tmp_path / "disks" / f"{variant}-{fs}-{next(counter)}.qcow2"))
+
+    return factory
+
+
+@pytest.fixture
+def disk(fs_kind: str, disk_factory: DiskFactory) -> Disk:
+    """The v1 image on a disk whose root filesystem is `fs_kind`, as this test's own overlay."""
+    return disk_factory("v1", fs_kind)
+
+
+def backend_for(config: pytest.Config, fs: str) -> str:
+    choice = str(config.getoption("--vm-backend"))
+    return MIXED.get(fs, "libvirt") if choice == "mixed" else choice
+
+
+def _require_backend(backend: str) -> None:
+    if backend == "libvirt":
+        require(libvirtd_mod.missing_prerequisites(), "the libvirt VM backend")
+
+
+def _slug(nodeid: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid).strip("_")[-120:]
+
+
+def artifacts_dir(request: pytest.FixtureRequest) -> Path:
+    option = request.config.getoption("--vm-artifacts")
+    root = Path(option) if option else Path(request.config.rootpath) / "artifacts" / "vm"
+    return root / _slug(request.node.nodeid)
+
+
+VmFactory = Callable[..., Machine]
+
+
+@pytest.fixture
+def vm_factory(
+    request: pytest.FixtureRequest, accel: Accel, ssh_keypair: KeyPair, tmp_path: Path
+) -> Iterator[VmFactory]:
+    """vm_factory(disk, backend=None, boot=True): a machine on `disk`; destroyed at teardown (kept
+    running with --keep-vm-on-failure when the test failed). Artifacts are saved either way."""
+    machines: list[Machine] = []
+    request.node.stash[_MACHINES] = machines
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+    def factory(disk: Disk, backend: str | None = None, boot: bool = True) -> Machine:
+        chosen = backend or backend_for(request.config, disk.fs)
+        _require_backend(chosen)
+        name = f"bootc-unified-{worker}-{os.getpid()}-{len(machines)}"
+        spec = MachineSpec(
+            name=name,
+            disk=disk.path,
+            workdir=tmp_path / "vm" / name,
+            accel=accel,
+            firmware=find_firmware(),
+            ssh_port=free_port(),
+            ssh_key=ssh_keypair.private,
+            memory_mib=GUEST_MEMORY_MIB,
+        )
+        machine = create(chosen, spec)
+        machines.append(machine)
+        if boot:
+            machine.boot()
+        return machine
+
+    yield factory
+
+    keep = _failed(request.node) and request.config.getoption("--keep-vm-on-failure")
+    errors: list[BaseException] = []
+    for machine in machines:
+        try:
+            machine.save_artifacts(artifacts_dir(request) / (machine.spec.name if len(machines) > 1 else ""))
+        except Exception as e:
+            errors.append(e)
+        if not keep:
+            machine.destroy()
+    for machine in machines:
+        try:
+            machine.check_console()
+        except AssertionError as e:
+            errors.append(e)
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture
+def vm(disk: Disk, vm_factory: VmFactory) -> Machine:
+    """A booted v1 guest on `fs_kind`, SSH answering."""
+    return vm_factory(disk)

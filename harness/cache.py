@@ -1,0 +1,63 @@
+"""The build cache outside the repository, and file locks that make it safe for parallel workers.
+
+Everything expensive (the mmdebstrap rootfs, buildah's image store, base disks, the SSH key) lives
+under one directory: `$BOOTC_UNIFIED_CACHE`, default /var/cache/bootc-unified. Entries are named
+by a hash of their inputs, written under a temporary name and renamed into place, and built while
+holding an exclusive `flock` on `locks/<name>.lock`, so two pytest-xdist workers never build the
+same thing twice or read half of it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+DEFAULT_CACHE = Path("/var/cache/bootc-unified")
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("BOOTC_UNIFIED_CACHE", DEFAULT_CACHE))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def subdir(name: str) -> Path:
+    path = cache_dir() / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextmanager
+def file_lock(name: str) -> Iterator[None]:
+    """Hold an exclusive lock named `name` (blocks until the other holder is done)."""
+    path = subdir("locks") / f"{name}.lock"
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def digest(*parts: str | bytes) -> str:
+    """A short, stable key over `parts` (in order)."""
+    h = hashlib.sha256()
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()[:16]
+
+
+def tree_digest(root: Path, suffixes: tuple[str, ...] = (".py",)) -> str:
+    """A key over the relative paths and contents of the files under `root` with these suffixes."""
+    parts: list[str | bytes] = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes):
+        if "__pycache__" in path.parts:
+            continue
+        parts += [str(path.relative_to(root)), path.read_bytes()]
+    return digest(*parts)

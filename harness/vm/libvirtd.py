@@ -1,0 +1,84 @@
+"""Connect to libvirt's system daemon, starting virtlogd and libvirtd first when they are not
+running and PID 1 is not systemd (containers, CI runners): the harness needs no service manager."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from harness.cache import file_lock
+from harness.run import run
+
+URI = "qemu:///system"
+START_TIMEOUT = 30.0
+
+
+class LibvirtUnavailable(RuntimeError):
+    pass
+
+
+def missing_prerequisites() -> list[str]:
+    problems = []
+    try:
+        import libvirt  # noqa: F401
+    except ImportError:
+        problems.append("libvirt-python (pip install libvirt-python, needs libvirt-dev)")
+    for daemon in ("libvirtd", "virtlogd"):
+        if shutil.which(daemon) is None:
+            problems.append(f"{daemon} not found (Debian package libvirt-daemon-system)")
+    return problems
+
+
+def pid1_is_systemd() -> bool:
+    try:
+        return Path("/proc/1/comm").read_text().strip() == "systemd"
+    except OSError:
+        return False
+
+
+def _try_open() -> Any:
+    import libvirt
+
+    try:
+        return libvirt.open(URI)
+    except libvirt.libvirtError:
+        return None
+
+
+def _running(pidfile: str) -> bool:
+    try:
+        pid = int(Path(pidfile).read_text().strip())
+        os.kill(pid, 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def connect() -> Any:
+    """An open connection to qemu:///system (a libvirt.virConnect)."""
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors arrive as exceptions
+    conn = _try_open()
+    if conn is not None:
+        return conn
+    if pid1_is_systemd():
+        raise LibvirtUnavailable(f"cannot connect to {URI}: start it with `systemctl start libvirtd`")
+    with file_lock("libvirtd-start"):
+        conn = _try_open()
+        if conn is not None:
+            return conn
+        if not _running("/run/libvirt/virtlogd.pid") and not _running("/run/virtlogd.pid"):
+            run(["virtlogd", "-d"])
+        if not _running("/run/libvirtd.pid"):
+            run(["libvirtd", "-d"])
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            conn = _try_open()
+            if conn is not None:
+                return conn
+            time.sleep(0.5)
+    raise LibvirtUnavailable(f"started libvirtd but {URI} did not answer within {START_TIMEOUT:.0f}s")

@@ -1,0 +1,43 @@
+"""What a VM is made of, independent of the backend that runs it."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.vm.accel import Accel
+from harness.vm.firmware import Firmware
+
+# The guest's view of QEMU user networking: the host (and its loopback services) is 10.0.2.2.
+HOST_ADDRESS_FROM_GUEST = "10.0.2.2"
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    name: str
+    disk: Path  # qcow2 overlay, writable, this VM's only
+    workdir: Path  # vars file, console log, backend logs
+    accel: Accel
+    firmware: Firmware
+    ssh_port: int
+    ssh_key: Path
+    memory_mib: int = 2048
+    cpus: int = 2
+
+    @property
+    def vars_file(self) -> Path:
+        return self.workdir / "OVMF_VARS.fd"
+
+    @property
+    def console_log(self) -> Path:
+        return self.workdir / "console.log"
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (the kernel picks it, so workers never collide
+    on a fixed range)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
