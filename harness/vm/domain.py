@@ -54,6 +54,9 @@ class DomainConfig:
         features = ET.SubElement(domain, "features")
         ET.SubElement(features, "acpi")
         ET.SubElement(features, "apic")
+        if self.domain_type == "qemu":
+            # Cap TCG's translation cache like the QEMU backend does (faster warm boots).
+            _text(ET.SubElement(features, "tcg"), "tb-cache", "256", unit="MiB")
         if self.domain_type == "kvm":
             ET.SubElement(domain, "cpu", mode="host-passthrough")
         ET.SubElement(domain, "clock", offset="utc")
@@ -62,6 +65,7 @@ class DomainConfig:
             _text(domain, event, "destroy")
         devices = ET.SubElement(domain, "devices")
         _text(devices, "emulator", self.emulator)
+        ET.SubElement(devices, "controller", type="usb", model="none")  # no xhci for OVMF to probe
         disk = ET.SubElement(devices, "disk", type="file", device="disk")
         ET.SubElement(disk, "driver", name="qemu", type="qcow2", cache="unsafe", discard="unmap")
         ET.SubElement(disk, "source", file=str(self.disk))
