@@ -13,13 +13,11 @@ import binascii
 import gzip
 import json
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from fastcrc import crc64
 
 from bootc_unified.errors import UserError
 
@@ -31,12 +29,37 @@ class TarSplitError(UserError):
     """The tar-split data of a layer is unreadable or does not match the layer's content."""
 
 
+def crc64_iso_crcmod() -> Callable[[bytes | bytearray | memoryview, int | None], int]:
+    """CRC-64/ISO through crcmod (crcmod's init is the register init XOR xorout, hence 0)."""
+    import crcmod  # type: ignore[import-untyped]
+
+    fun = crcmod.mkCrcFun(0x1000000000000001B, rev=True, initCrc=0, xorOut=0xFFFFFFFFFFFFFFFF)
+
+    def crc64(data: bytes | bytearray | memoryview, crc: int | None = None) -> int:
+        return int(fun(bytes(data)) if crc is None else fun(bytes(data), crc))
+
+    return crc64
+
+
+def _select_crc64() -> Callable[[bytes | bytearray | memoryview, int | None], int]:
+    """The fastcrc wheel (PyPI, in the venv), else Debian's python3-crcmod (the guest image)."""
+    try:
+        from fastcrc import crc64
+    except ImportError:
+        return crc64_iso_crcmod()
+    fun: Callable[[bytes | bytearray | memoryview, int | None], int] = crc64.go_iso
+    return fun
+
+
+_crc64 = _select_crc64()
+
+
 def crc64_iso(data: bytes | bytearray | memoryview, crc: int | None = None) -> int:
     """CRC-64/ISO (GO-ISO): reflected poly 0xD800000000000000, init and xorout all ones.
 
     Pass the previous result as `crc` to continue a running checksum.
     """
-    return crc64.go_iso(data, crc)
+    return int(_crc64(data, crc))
 
 
 @dataclass(frozen=True, slots=True)

@@ -350,3 +350,16 @@ def test_parse_header_rejects_garbage() -> None:
         parse_header(tar[:100], {})
     with pytest.raises(HeaderError, match="unexpected bytes"):
         parse_header(tar[:1024], {})
+
+
+def test_crcmod_backend_equals_fastcrc() -> None:
+    """The guest image has Debian's python3-crcmod instead of the fastcrc wheel: same checksums."""
+    import os
+
+    from bootc_unified.cstorage.tarsplit import crc64_iso_crcmod
+
+    other = crc64_iso_crcmod()
+    assert other(b"123456789", None) == 0xB90956C775A41001  # the CRC-64/GO-ISO check value
+    data = os.urandom(100_000)
+    assert other(data, None) == crc64_iso(data)
+    assert other(data[50_000:], other(data[:50_000], None)) == crc64_iso(data)
