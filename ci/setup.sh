@@ -11,7 +11,7 @@ packages=(
     btrfs-progs xfsprogs e2fsprogs dosfstools fdisk mtools util-linux
     fsverity erofs-utils
     qemu-system-x86 qemu-utils ovmf systemd-boot-efi mmdebstrap
-    libvirt-daemon-system libvirt-dev pkg-config
+    libvirt-daemon-system libvirt-clients libxml2-utils libvirt-dev pkg-config
     python3 python3-venv python3-dev gcc
     curl ca-certificates zstd attr
 )

@@ -8,6 +8,7 @@ Override with `--accel auto|kvm|tcg` or BOOTC_UNIFIED_ACCEL.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.cache import file_lock, subdir
 from harness.vm.firmware import Firmware, find_firmware
 
 ENV = "BOOTC_UNIFIED_ACCEL"
@@ -47,7 +49,7 @@ def kvm_works(firmware: Firmware, seconds: float = PROBE_SECONDS) -> tuple[bool,
     if qemu is None:
         return False, "qemu-system-x86_64 not found"
     with tempfile.TemporaryDirectory(prefix="bootc-unified-kvm-probe-") as tmp:
-        vars_file, serial = Path(tmp) / "vars.fd", Path(tmp) / "serial.log"
+        vars_file, serial, log = Path(tmp) / "vars.fd", Path(tmp) / "serial.log", Path(tmp) / "qemu.log"
         shutil.copyfile(firmware.vars_template, vars_file)
         argv = [
             qemu,
@@ -56,23 +58,43 @@ def kvm_works(firmware: Firmware, seconds: float = PROBE_SECONDS) -> tuple[bool,
             *("-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={firmware.code}"),
             *("-drive", f"if=pflash,format=raw,unit=1,file={vars_file}"),
         ]
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + seconds
         try:
             while time.monotonic() < deadline:
                 if serial.exists() and PROBE_MARKER in serial.read_bytes():
                     return True, "OVMF reached its boot manager under KVM"
+                errors = log.read_text(errors="replace")
+                if "KVM internal error" in errors or "emulation failure" in errors:
+                    return False, "KVM internal error while OVMF started (emulation failure)"
                 if proc.poll() is not None:
-                    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-                    return False, f"QEMU with KVM exited with {proc.returncode}: {err.strip()[-200:]}"
+                    return False, f"QEMU with KVM exited with {proc.returncode}: {errors.strip()[-200:]}"
                 time.sleep(0.2)
             return False, f"OVMF did not reach its boot manager under KVM within {seconds:.0f}s"
         finally:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-            if proc.stderr:
-                proc.stderr.close()
+
+
+def _host_boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def probe_cached(firmware: Firmware) -> tuple[bool, str]:
+    """kvm_works(), remembered for this host boot (one probe per boot, shared by all workers)."""
+    path = subdir("accel") / f"kvm-{_host_boot_id()}.json"
+    with file_lock("accel-probe"):
+        if path.exists():
+            data = json.loads(path.read_text())
+            return bool(data["works"]), f"{data['why']} (probed earlier this host boot)"
+        works, why = kvm_works(firmware)
+        path.write_text(json.dumps({"works": works, "why": why}) + "\n")
+        return works, why
 
 
 @functools.cache
@@ -86,5 +108,5 @@ def detect(choice: str = "auto") -> Accel:
         return Accel(TCG, TCG_SCALE, "requested")
     if choice == KVM:
         return Accel(KVM, 1.0, "requested")
-    works, why = kvm_works(find_firmware())
+    works, why = probe_cached(find_firmware())
     return Accel(KVM, 1.0, why) if works else Accel(TCG, TCG_SCALE, f"KVM unusable: {why}")

@@ -139,7 +139,9 @@ class Machine(ABC):
             time.sleep(0.5)
 
     def poweroff(self) -> None:
-        """Clean shutdown from inside the guest; returns once the VM has stopped."""
+        """Clean shutdown from inside the guest; returns once the VM has stopped. The journal of
+        every boot is fetched first, so the test's artifacts have it."""
+        self.collect_journal()
         self.ssh.start("sleep 1; systemctl poweroff")
         self.ssh.close()
         self.wait_stopped(self.timeout(STOP_TIMEOUT))
@@ -159,23 +161,31 @@ class Machine(ABC):
     def check_console(self) -> None:
         console.check(self.spec.console_log)
 
+    @property
+    def journal_file(self) -> Path:
+        return self.spec.workdir / "journal.txt"
+
+    def collect_journal(self) -> None:
+        """Fetch the guest's journal (all boots; it is persistent) into the work directory."""
+        try:
+            journal = self.ssh.run(
+                "journalctl --no-pager -o short-monotonic", timeout=self.timeout(COMMAND_TIMEOUT), check=False
+            )
+            self.journal_file.write_text(journal.stdout)
+        except Exception as e:  # evidence is best effort; the test result stands
+            self.journal_file.write_text(f"could not read the journal: {e!r}\n")
+
     def save_artifacts(self, directory: Path) -> None:
-        """Console log, the journal of every boot (when the guest answers) and the backend's VM
-        definition, into `directory`."""
+        """Console log, the guest journal (fetched now when the guest answers, else the last one
+        fetched) and the backend's VM definition, into `directory`."""
         directory.mkdir(parents=True, exist_ok=True)
         if self.spec.console_log.exists():
             (directory / "console.log").write_bytes(self.spec.console_log.read_bytes())
         self.save_backend_artifacts(directory)
         if self.ssh.connected:
-            try:
-                journal = self.ssh.run(
-                    "journalctl --no-pager -o short-monotonic",
-                    timeout=self.timeout(COMMAND_TIMEOUT),
-                    check=False,
-                )
-                (directory / "journal.txt").write_text(journal.stdout)
-            except Exception as e:  # evidence is best effort; the test result stands
-                (directory / "journal.txt").write_text(f"could not read the journal: {e!r}\n")
+            self.collect_journal()
+        if self.journal_file.exists():
+            (directory / "journal.txt").write_bytes(self.journal_file.read_bytes())
 
     def ssh_hint(self) -> str:
         return (

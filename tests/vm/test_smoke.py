@@ -80,6 +80,11 @@ def test_smoke(
     timings["reboot_to_ssh"] = reboot.seconds
     assert vm.run("findmnt -n -o FSTYPE /").stdout.strip() == fs_kind
 
+    soft = vm.soft_reboot()
+    assert soft.boot_id_after == soft.boot_id_before
+    assert soft.soft_reboots_after == soft.soft_reboots_before + 1
+    timings["soft_reboot_to_ssh"] = soft.seconds
+
     started = time.monotonic()
     vm.poweroff()
     timings["poweroff"] = time.monotonic() - started
