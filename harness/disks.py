@@ -27,6 +27,7 @@ MiB = 1 << 20
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 LINUX_FS_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 UUID_NAMESPACE = uuid.UUID("6b1d3c0e-5a43-4f0e-9d4b-8c2f1f0b7a11")
+STALE_AFTER = 6 * 3600.0  # base disks unused this long go when a new one of the kind is built
 SYSTEMD_BOOT = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi"  # read from the image, not the host
 
 
@@ -92,8 +93,10 @@ def build_base_disk(builder: ImageBuilder, image: GuestImage, fs: str, layout: L
     path, meta = directory / f"{image.variant}-{fs}-{key}.raw", directory / f"{image.variant}-{fs}-{key}.json"
     with file_lock(f"disk-{key}"):
         if path.is_file() and meta.is_file():
+            meta.touch()  # last use, for prune_stale()
             data = json.loads(meta.read_text())
             return BaseDisk(path=path, fs=fs, layout=layout, **data)
+        prune_stale(directory, f"{image.variant}-{fs}-")
         started = time.monotonic()
         esp_uuid = str(uuid.uuid5(UUID_NAMESPACE, f"{key}-esp"))
         root_uuid = str(uuid.uuid5(UUID_NAMESPACE, f"{key}-root"))
@@ -118,6 +121,15 @@ def build_base_disk(builder: ImageBuilder, image: GuestImage, fs: str, layout: L
         finally:
             part.unlink(missing_ok=True)
         return BaseDisk(path=path, fs=fs, layout=layout, built_seconds=time.monotonic() - started, **data)
+
+
+def prune_stale(directory: Path, prefix: str, max_age: float = STALE_AFTER) -> None:
+    """Delete base disks named `prefix*` not used for `max_age` seconds (older sources, images)."""
+    now = time.time()
+    for meta in directory.glob(f"{prefix}*.json"):
+        if now - meta.stat().st_mtime > max_age:
+            meta.with_suffix(".raw").unlink(missing_ok=True)
+            meta.unlink(missing_ok=True)
 
 
 def overlay(base: BaseDisk, dest: Path) -> Path:

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.cache import subdir
+from harness.cache import digest, subdir
 from harness.run import CommandError, run
 
 BUILDAH_TIMEOUT = 1800.0
@@ -25,9 +25,11 @@ class Buildah:
 
     @classmethod
     def cached(cls) -> Buildah:
-        runroot = Path("/run/bootc-unified/buildah")
+        root = subdir("containers-storage")
+        # Run-time state (locks, mounts) on tmpfs, one directory per store.
+        runroot = Path("/run/bootc-unified") / f"buildah-{digest(str(root))}"
         runroot.mkdir(parents=True, exist_ok=True)
-        return cls(root=subdir("containers-storage"), runroot=runroot)
+        return cls(root=root, runroot=runroot)
 
     def __call__(self, *args: str | Path, timeout: float = BUILDAH_TIMEOUT) -> str:
         argv: list[str | Path] = ["buildah", "--root", self.root, "--runroot", self.runroot, *args]

@@ -63,4 +63,5 @@ class LibvirtMachine(Machine):
         return f"virsh destroy {self.spec.name}"
 
     def close(self) -> None:
+        """Close the libvirt connection (the machine cannot be started again afterwards)."""
         self._conn.close()

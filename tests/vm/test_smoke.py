@@ -3,12 +3,15 @@ filesystem, fs-verity, podman pull/run from the host's registry, reboot, clean p
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
+from pathlib import Path
 
 import pytest
 
-from harness.pytest_vm import Disk, GuestImages, artifacts_dir
+from harness.pytest_vm import GuestImages, artifacts_dir
 from harness.registry import Registry
 from harness.vm import Machine
 
@@ -46,11 +49,11 @@ def check_verity(vm: Machine, fs: str) -> None:
 
 def test_smoke(
     fs_kind: str,
-    disk: Disk,
     vm: Machine,
     guest_image: GuestImages,
     registry: Registry,
     request: pytest.FixtureRequest,
+    tmp_path: Path,
 ) -> None:
     timings: dict[str, float | str] = {"fs": fs_kind, "backend": vm.backend, "accel": vm.spec.accel.name}
     timings["boot_to_ssh"] = vm.timings.boots_to_ssh[-1]
@@ -66,6 +69,17 @@ def test_smoke(
     vm.run("bootc-unified --help")
 
     check_verity(vm, fs_kind)
+
+    # Files both ways over SFTP.
+    sent = tmp_path / "sent.bin"
+    sent.write_bytes(os.urandom(100_000))
+    vm.put(sent, "/var/tmp/sent.bin")
+    assert (
+        vm.run("sha256sum /var/tmp/sent.bin").stdout.split()[0]
+        == hashlib.sha256(sent.read_bytes()).hexdigest()
+    )
+    vm.get("/var/tmp/sent.bin", tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == sent.read_bytes()
 
     # podman in the guest pulls from the host's registry (10.0.2.2, insecure by the image's config).
     ref = guest_image.push("app", registry)
