@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from harness.run import run
 
 URI = "qemu:///system"
 START_TIMEOUT = 30.0
+QEMU_CONF = Path("/etc/libvirt/qemu.conf")  # ci/services.sh sets user/group = "root" there
 
 
 class LibvirtUnavailable(RuntimeError):
@@ -30,6 +32,13 @@ def missing_prerequisites() -> list[str]:
         if shutil.which(daemon) is None:
             problems.append(f"{daemon} not found (Debian package libvirt-daemon-system)")
     return problems
+
+
+def qemu_runs_as_root(conf: Path = QEMU_CONF) -> bool:
+    try:
+        return any(line.strip() == 'user = "root"' for line in conf.read_text().splitlines())
+    except OSError:
+        return False
 
 
 def pid1_is_systemd() -> bool:
@@ -74,6 +83,12 @@ def connect() -> Any:
         if not _running("/run/libvirt/virtlogd.pid") and not _running("/run/virtlogd.pid"):
             run(["virtlogd", "-d"])
         if not _running("/run/libvirtd.pid"):
+            if not qemu_runs_as_root():
+                warnings.warn(
+                    f'{QEMU_CONF} does not set user = "root": libvirt may re-probe QEMU on every '
+                    "domain start (about a minute each when /dev/kvm is root-only); run ci/services.sh",
+                    stacklevel=2,
+                )
             run(["libvirtd", "-d"])
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
