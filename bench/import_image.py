@@ -19,7 +19,6 @@ The image is built with buildah, one layer per --source (default: /usr/bin, /usr
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,10 +33,9 @@ from bootc_unified.importer import create_image, import_image
 from bootc_unified.repository import Method, Repository
 from harness.cstore_fixtures import build_layered_image, make_store_dirs, release_store
 from harness.loopfs import LoopFs
-from harness.treeadd import copy_tree, sync_fs, tree_bytes
+from harness.treeadd import sync_fs, tree_bytes, zero_copy_baseline
 
 IMAGE = "localhost/bench-import:latest"
-BASELINE = {"btrfs": "reflink", "xfs": "reflink", "ext4": "hardlink"}
 DEFAULT_SOURCES = ["/usr/bin", f"/usr/lib/python3.{sys.version_info.minor}", "/usr/share"]
 
 
@@ -56,15 +54,8 @@ def bench_one(kind: str, sources: list[str], workdir: Path) -> list[str]:
             image_bytes = sum(tree_bytes(layer.diff_path)[1] for layer in image.layers)
             sync_fs(fs.path)
 
-            used = fs.statvfs_used_bytes()
-            base_s = 0.0
-            for i, layer in enumerate(image.layers):
-                base_s += copy_tree(layer.diff_path, fs.path / f"baseline-{i}", BASELINE[kind])
-            sync_fs(fs.path)
-            base_extra = fs.statvfs_used_bytes() - used
-            for i in range(len(image.layers)):
-                shutil.rmtree(fs.path / f"baseline-{i}")
-            sync_fs(fs.path)
+            baseline = zero_copy_baseline(fs, [layer.diff_path for layer in image.layers])
+            base_s, base_extra = baseline.seconds, baseline.extra_bytes
 
             repo = Repository.init(fs.path / "composefs", insecure=True)
             used = fs.statvfs_used_bytes()
@@ -112,7 +103,7 @@ def bench_one(kind: str, sources: list[str], workdir: Path) -> list[str]:
         f"{len(image.layers)} / {result.stats.objects}",
         f"{image_bytes / 2**20:.0f} MiB",
         f"{import_s:.1f}",
-        f"{BASELINE[kind]} {base_s:.1f}",
+        f"{baseline.mode} {base_s:.1f}",
         f"{import_s / base_s:.1f}x",
         f"{m[Method.REFLINKED].objects}/{m[Method.HARDLINKED].objects}/{m[Method.COPIED].bytes}",
         pct(extra, image_bytes),

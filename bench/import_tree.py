@@ -13,7 +13,6 @@ Usage: bench/import_tree.py [TREE] [--fs btrfs,xfs,ext4] [--workers N]
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -23,9 +22,7 @@ from rich.table import Table
 
 from bootc_unified.repository import Method, Repository
 from harness.loopfs import LoopFs
-from harness.treeadd import add_tree, copy_tree, sync_fs, tree_bytes
-
-BASELINE = {"btrfs": "reflink", "xfs": "reflink", "ext4": "hardlink"}
+from harness.treeadd import add_tree, copy_tree, sync_fs, tree_bytes, zero_copy_baseline
 
 
 def bench_one(kind: str, tree: Path, workdir: Path, workers: int | None) -> list[str]:
@@ -33,13 +30,7 @@ def bench_one(kind: str, tree: Path, workdir: Path, workers: int | None) -> list
         src = fs.path / "src"
         copy_tree(tree, src)
         files, size = tree_bytes(src)
-        sync_fs(fs.path)
-        used_before = fs.statvfs_used_bytes()
-        base_s = copy_tree(src, fs.path / "baseline", BASELINE[kind])
-        sync_fs(fs.path)
-        base_extra = fs.statvfs_used_bytes() - used_before
-        shutil.rmtree(fs.path / "baseline")
-        sync_fs(fs.path)
+        baseline = zero_copy_baseline(fs, [src])
         repo = Repository.init(fs.path / "composefs", insecure=True)
         used_before = fs.statvfs_used_bytes()
         result = add_tree(repo, src, zerocopy=True, workers=workers)
@@ -52,11 +43,11 @@ def bench_one(kind: str, tree: Path, workdir: Path, workers: int | None) -> list
             str(files),
             f"{size / 2**20:.0f} MiB",
             f"{result.seconds:.1f}",
-            f"{BASELINE[kind]} {base_s:.1f}",
-            f"{result.seconds / base_s:.1f}x",
+            f"{baseline.mode} {baseline.seconds:.1f}",
+            f"{result.seconds / baseline.seconds:.1f}x",
             f"{zc} zc / {methods[Method.PRESENT].objects} dup / {methods[Method.COPIED].objects} cp",
             f"{extra / 2**20:.1f} MiB ({100 * extra / size:.2f}%)",
-            f"{base_extra / 2**20:.1f} MiB ({100 * base_extra / size:.2f}%)",
+            f"{baseline.extra_bytes / 2**20:.1f} MiB ({100 * baseline.extra_bytes / size:.2f}%)",
         ]
 
 

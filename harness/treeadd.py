@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from bootc_unified.repository import Repository
 from bootc_unified.repository.stats import ImportStats
+from harness.loopfs import LoopFs
 from harness.run import run
 
 
@@ -63,3 +65,29 @@ def copy_tree(src: Path, dst: Path, mode: str = "copy") -> float:
 def sync_fs(path: Path) -> None:
     """Flush so statvfs shows real usage (btrfs commits lazily)."""
     run(["sync", "-f", path])
+
+
+ZERO_COPY_MODE = {"btrfs": "reflink", "xfs": "reflink", "ext4": "hardlink"}
+
+
+@dataclass
+class BaselineCopy:
+    mode: str  # "reflink" (cp -a --reflink=always) or "hardlink" (cp -al)
+    seconds: float
+    extra_bytes: int  # statvfs used after - before, synced
+
+
+def zero_copy_baseline(fs: LoopFs, trees: list[Path]) -> BaselineCopy:
+    """The filesystem's own zero-copy copy of `trees` (timed, and its extra disk use measured),
+    removed again afterwards: the yardstick for an import of the same trees."""
+    mode = ZERO_COPY_MODE[fs.kind]
+    sync_fs(fs.path)
+    used = fs.statvfs_used_bytes()
+    targets = [fs.path / f".baseline-{i}" for i in range(len(trees))]
+    seconds = sum(copy_tree(tree, target, mode) for tree, target in zip(trees, targets, strict=True))
+    sync_fs(fs.path)
+    extra = fs.statvfs_used_bytes() - used
+    for target in targets:
+        shutil.rmtree(target)
+    sync_fs(fs.path)
+    return BaselineCopy(mode, seconds, extra)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -25,12 +24,10 @@ from harness.loopfs import LoopFs
 from harness.pytest_plugin import run_cli
 from harness.pytest_vm import GuestImages
 from harness.registry import Registry
-from harness.treeadd import copy_tree, sync_fs, tree_bytes
+from harness.treeadd import sync_fs, tree_bytes, zero_copy_baseline
 from harness.treecompare import differences, snapshot_dir
 
 pytestmark = [pytest.mark.storage, pytest.mark.slow]
-
-BASELINE = {"btrfs": "reflink", "xfs": "reflink", "ext4": "hardlink"}
 
 
 @pytest.fixture(scope="session")
@@ -57,15 +54,7 @@ def test_large_image(loopfs: LoopFs, bootc_store: ImageStore, large_ref: str, tm
     assert files > 10_000 and image_bytes > 300 << 20, (files, image_bytes)
 
     # The filesystem's own zero-copy copy of the same diff trees: its metadata cost is the yardstick.
-    sync_fs(loopfs.path)
-    used = loopfs.statvfs_used_bytes()
-    for i, layer in enumerate(image.layers):
-        copy_tree(layer.diff_path, loopfs.path / f"baseline-{i}", BASELINE[loopfs.kind])
-    sync_fs(loopfs.path)
-    baseline_extra = loopfs.statvfs_used_bytes() - used
-    for i in range(len(image.layers)):
-        shutil.rmtree(loopfs.path / f"baseline-{i}")
-    sync_fs(loopfs.path)
+    baseline_extra = zero_copy_baseline(loopfs, [layer.diff_path for layer in image.layers]).extra_bytes
 
     repo = Repository.init(loopfs.path / "composefs", insecure=True)
     used = loopfs.statvfs_used_bytes()
