@@ -7,6 +7,7 @@ Groups: `verity` (fs-verity digests, here), `cfs` (the composefs repository, cli
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +38,16 @@ def _register_verity(groups: Any) -> None:
 
 
 def _verity_digest(args: argparse.Namespace) -> int:
+    from bootc_unified.repository.objects import open_source
+
     alg = verity.HashAlg.from_name(args.hash)
     for path in args.files:
-        _check_regular(path)
+        fd = open_source(path)  # a regular file, or a one-line error naming it
         try:
-            digest = verity.digest_file(path, alg)
+            digest = verity.digest_fd(fd, alg)
         except OSError as e:
             raise UserError(f"{path}: {e.strerror}") from e
+        finally:
+            os.close(fd)
         print(f"{alg.label}:{digest.hex()} {path}")
     return 0
-
-
-def _check_regular(path: Path) -> None:
-    from bootc_unified.repository.objects import check_source_file
-
-    check_source_file(path)
