@@ -84,7 +84,6 @@ def link_fd(fd: int, dest: str | Path) -> None:
     os.link(f"/proc/self/fd/{fd}", dest, src_dir_fd=_root_fd, follow_symlinks=True)
 
 
-
 class ObjectStore:
     """The `objects/` directory of a repository."""
 
