@@ -25,6 +25,30 @@ def unmount_under(path: Path) -> None:
         run(["umount", point], check=False)
 
 
+def pinned_env(workdir: Path, graphroot: Path, runroot: Path, extra_storage_conf: str = "") -> dict[str, str]:
+    """Write storage.conf (overlay, graphroot, runroot), an empty registries.conf and auth file in
+    `workdir`; return an environment that makes podman/buildah/skopeo read those and nothing else."""
+    conf = workdir / "storage.conf"
+    conf.write_text(
+        "[storage]\n"
+        'driver = "overlay"\n'
+        f"graphroot = {json.dumps(str(graphroot))}\n"
+        f"runroot = {json.dumps(str(runroot))}\n"
+        "[storage.options.overlay]\n"
+        'skip_mount_home = "true"\n' + extra_storage_conf
+    )
+    registries = workdir / "registries.conf"
+    registries.write_text('unqualified-search-registries = []\nshort-name-mode = "enforcing"\n')
+    auth = workdir / "auth.json"
+    auth.write_text('{"auths": {}}\n')
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("CONTAINERS_", "REGISTRY_AUTH"))},
+        "CONTAINERS_STORAGE_CONF": str(conf),
+        "CONTAINERS_REGISTRIES_CONF": str(registries),
+        "REGISTRY_AUTH_FILE": str(auth),
+    }
+
+
 @dataclass
 class ScratchPodman:
     """Podman with a configuration written in `workdir`.
@@ -47,25 +71,7 @@ class ScratchPodman:
             # podman refuses a runroot longer than 50 characters: keep it short, outside workdir.
             self.runroot = Path(tempfile.mkdtemp(prefix="scratch-", dir="/tmp"))
             self._own_runroot = True
-        conf = self.workdir / "storage.conf"
-        conf.write_text(
-            "[storage]\n"
-            'driver = "overlay"\n'
-            f"graphroot = {json.dumps(str(self.root))}\n"
-            f"runroot = {json.dumps(str(self.runroot))}\n"
-            "[storage.options.overlay]\n"
-            'skip_mount_home = "true"\n' + self.extra_storage_conf
-        )
-        registries = self.workdir / "registries.conf"
-        registries.write_text('unqualified-search-registries = []\nshort-name-mode = "enforcing"\n')
-        auth = self.workdir / "auth.json"
-        auth.write_text('{"auths": {}}\n')
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("CONTAINERS_", "REGISTRY_AUTH"))},
-            "CONTAINERS_STORAGE_CONF": str(conf),
-            "CONTAINERS_REGISTRIES_CONF": str(registries),
-            "REGISTRY_AUTH_FILE": str(auth),
-        }
+        self.env = pinned_env(self.workdir, self.root, self.runroot, self.extra_storage_conf)
 
     @property
     def root(self) -> Path:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.run import run
-from harness.scratchpodman import unmount_under
+from harness.scratchpodman import pinned_env, unmount_under
 
 DEFINITIONS = Path(__file__).resolve().parent.parent / "images" / "testimages"
 REPOSITORY = "bootc-unified-test"
@@ -289,29 +289,11 @@ class Buildah:
         self.workdir.mkdir(parents=True, exist_ok=True)
         # podman refuses a runroot longer than 50 characters: keep it short, outside workdir.
         self.runroot = Path(tempfile.mkdtemp(prefix="scratch-", dir="/tmp"))
-        conf = self.workdir / "storage.conf"
-        conf.write_text(
-            "[storage]\n"
-            'driver = "overlay"\n'
-            f"graphroot = {json.dumps(str(self.root))}\n"
-            f"runroot = {json.dumps(str(self.runroot))}\n"
-            "[storage.options.overlay]\n"
-            'skip_mount_home = "true"\n'
-        )
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("CONTAINERS_", "REGISTRY_AUTH"))},
-            "CONTAINERS_STORAGE_CONF": str(conf),
-            "REGISTRY_AUTH_FILE": str(self._auth()),
-        }
+        self.env = pinned_env(self.workdir, self.root, self.runroot)
 
     @property
     def root(self) -> Path:
         return self.workdir / "root"
-
-    def _auth(self) -> Path:
-        auth = self.workdir / "auth.json"
-        auth.write_text('{"auths": {}}\n')
-        return auth
 
     def __call__(self, *args: str | Path) -> str:
         argv = [
