@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from harness.cache import digest, file_lock, tree_digest
@@ -27,6 +28,7 @@ from harness.images.definitions import (
     BaseDef,
     DefinitionError,
     LayerDef,
+    VariantDef,
     load_base,
     load_variant,
 )
@@ -111,34 +113,19 @@ class ImageBuilder:
             key = digest("os-v1", parent_tag, tree_digest(source), self.public_key)
             return self._ensure("os", key, parent_tag, lambda c: self._package_layer(c, base, source))
         variant = load_variant(name, self.definitions)
-        parent_tag = "scratch" if variant.parent == "scratch" else self._build(variant.parent)[0]
-        key = digest("variant-v1", parent_tag, variant.raw)
-        tag = f"localhost/bootc-unified/{name}:{key}"
-        with file_lock(f"image-{name}-{key}"):
-            image_id = self.buildah.image_id(tag)
-            if image_id:
-                return tag, image_id
-            self._built = True
-            current = parent_tag
-            for i, layer in enumerate(variant.layers):
-                last = i == len(variant.layers) - 1
-                step_tag = tag if last else f"localhost/bootc-unified/{name}-layer{i}:{key}"
-                container = self.buildah.from_(current)
-                try:
-                    with self.buildah.mounted(container) as root:
-                        apply_layer(root, layer)
-                    if last:
-                        self.buildah.config(container, variant.cmd, variant.labels)
-                    self.buildah.commit(container, step_tag)
-                except BaseException:
-                    self.buildah.remove_container(container)
-                    raise
-                current = step_tag
-            if not variant.layers:
-                raise DefinitionError(f"{variant.path}: a variant needs at least one [[layers]] entry")
-            image_id = self.buildah.image_id(tag)
-            assert image_id, f"buildah committed {tag} but cannot find it"
-            return tag, image_id
+        if not variant.layers:
+            raise DefinitionError(f"{variant.path}: a variant needs at least one [[layers]] entry")
+        current = "scratch" if variant.parent == "scratch" else self._build(variant.parent)[0]
+        key = digest("variant-v1", current, variant.raw)
+        built = ("", "")
+        for i, layer in enumerate(variant.layers):
+            last = i == len(variant.layers) - 1
+            step = name if last else f"{name}-layer{i}"
+            built = self._ensure(
+                step, key, current, partial(self._variant_layer, layer=layer, config=last, variant=variant)
+            )
+            current = built[0]
+        return built
 
     def _ensure(self, name: str, key: str, parent: str, fill: Callable[[str], None]) -> tuple[str, str]:
         tag = f"localhost/bootc-unified/{name}:{key}"
@@ -157,6 +144,12 @@ class ImageBuilder:
             image_id = self.buildah.image_id(tag)
             assert image_id, f"buildah committed {tag} but cannot find it"
             return tag, image_id
+
+    def _variant_layer(self, container: str, layer: LayerDef, config: bool, variant: VariantDef) -> None:
+        with self.buildah.mounted(container) as root:
+            apply_layer(root, layer)
+        if config:
+            self.buildah.config(container, variant.cmd, variant.labels)
 
     def _base_layer(self, container: str, tarball: Path) -> None:
         self.buildah.add_tarball(container, tarball)
