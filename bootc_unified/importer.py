@@ -22,12 +22,12 @@ from bootc_unified import faults
 from bootc_unified.cstorage import Image, Layer, Segment, Store, read_entries
 from bootc_unified.cstorage.reassemble import LayerDigestMismatch, StreamHasher, entry_content_path
 from bootc_unified.cstorage.tarsplit import FileEntry
+from bootc_unified.erofs.tree import INLINE_MAX  # contents up to this size stay inline
 from bootc_unified.errors import UserError
 from bootc_unified.repository import Repository, escape_ref, splitstream
 from bootc_unified.repository.refs import object_id_of
 from bootc_unified.repository.stats import ImportStats
 
-INLINE_MAX = 64  # file contents up to this size stay inline in the layer stream
 IMPORT_WORKERS = min(4, (os.cpu_count() or 1) + 1)
 IMAGE_REF = "composefs.image"
 

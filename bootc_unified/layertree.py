@@ -16,14 +16,14 @@ import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from bootc_unified.cstorage.reassemble import name_parts
 from bootc_unified.cstorage.tarheader import BLOCK, HeaderError, TarHeader, parse_header, parse_number
+from bootc_unified.cstorage.walk import OPAQUE_MARKER, WHITEOUT_PREFIX
 from bootc_unified.erofs import format as erofs_format
-from bootc_unified.erofs.tree import Device, Directory, Fifo, InodeMeta, Node, Regular, Symlink
+from bootc_unified.erofs.tree import INLINE_MAX, Device, Directory, Fifo, InodeMeta, Node, Regular, Symlink
 from bootc_unified.errors import UserError
 from bootc_unified.repository import Repository, splitstream
 
-WHITEOUT_PREFIX = b".wh."
-OPAQUE_MARKER = b".wh..wh..opq"
 _EXTENSION_TYPES = (b"x", b"g", b"L", b"K")
 _ZERO_BLOCK = bytes(BLOCK)
 DEFAULT_DIR_MODE = stat.S_IFDIR | 0o755
@@ -104,7 +104,7 @@ def tar_members(chunks: Iterable[bytes | str]) -> Iterator[Member]:
         data: bytes | None = None
         object_id: str | None = None
         if header.kind == "file" and header.size > 0:
-            if header.size > 64:
+            if header.size > INLINE_MAX:
                 object_id = reader.read_external()
             else:
                 data = reader.read(header.size)
@@ -114,14 +114,6 @@ def tar_members(chunks: Iterable[bytes | str]) -> Iterator[Member]:
         if padding and reader.read(padding) is None:
             raise HeaderError("stream ends inside file padding")
         yield Member(header, data, object_id)
-
-
-def normalize(name: bytes) -> list[bytes]:
-    """Path components of a tar name; a leading '/' is dropped (as podman does), '..' is refused."""
-    parts = [p for p in name.split(b"/") if p not in (b"", b".")]
-    if b".." in parts:
-        raise ValueError("name climbs out of the root with '..'")
-    return parts
 
 
 class Flattener:
@@ -162,7 +154,7 @@ class Flattener:
         entries: list[tuple[Member, list[bytes]]] = []
         for m in members:  # whiteouts and opaque markers act on the layers below
             try:
-                parts = normalize(m.header.name)
+                parts = name_parts(m.header.name)
             except ValueError as e:
                 raise self._error(label, m.header, str(e)) from None
             base = parts[-1] if parts else b""
@@ -238,7 +230,7 @@ class Flattener:
                 object_id=m.object_id,
             )
         elif kind == "hardlink":
-            target_parts = normalize(h.linkname)
+            target_parts = name_parts(h.linkname)
             target = self._lookup(target_parts)
             if target is None:
                 raise ValueError(

@@ -7,7 +7,8 @@ import hashlib
 import io
 import tarfile
 
-from bootc_unified.importer import INLINE_MAX, layer_content_id
+from bootc_unified.erofs.tree import INLINE_MAX
+from bootc_unified.importer import layer_content_id
 from bootc_unified.repository import Repository, splitstream
 
 

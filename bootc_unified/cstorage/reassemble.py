@@ -40,11 +40,20 @@ class Reassembly:
     file_bytes: int  # content bytes read from diff/
 
 
+def name_parts(name: bytes) -> list[bytes]:
+    """The path components of a tar entry name: empty and '.' parts dropped (a leading '/' too,
+    as podman does); a name with '..' is refused."""
+    parts = [p for p in name.split(b"/") if p not in (b"", b".")]
+    if b".." in parts:
+        raise ValueError(f"unsafe entry name {name!r}: it climbs out of the root with '..'")
+    return parts
+
+
 def content_path(diff_dir: bytes, name: bytes) -> bytes:
     """diff/<name> for a tar entry name; refuses names that climb out of diff/."""
-    parts = [p for p in name.split(b"/") if p not in (b"", b".")]
-    if not parts or b".." in parts:
-        raise ValueError(f"unsafe entry name {name!r}")
+    parts = name_parts(name)
+    if not parts:
+        raise ValueError(f"unsafe entry name {name!r}: it names the root")
     return os.path.join(diff_dir, *parts)
 
 

@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .reassemble import LayerDigestMismatch, StreamHasher, content_path
+from .reassemble import LayerDigestMismatch, StreamHasher, content_path, name_parts
 from .store import Layer
 from .tarheader import BLOCK, CHARDEV, HeaderError, TarHeader, parse_header
 from .tarsplit import Segment, TarSplitError, read_entries
@@ -45,10 +45,7 @@ class LayerEntry:
 
 
 def normalize(name: bytes) -> bytes:
-    parts = [p for p in name.split(b"/") if p not in (b"", b".")]
-    if b".." in parts:
-        raise ValueError(f"unsafe entry name {name!r}")
-    return b"/".join(parts) or b"."
+    return b"/".join(name_parts(name)) or b"."
 
 
 def classify(header: TarHeader, path: bytes) -> tuple[bytes, bool, bool]:
