@@ -22,7 +22,13 @@ from bootc_unified.repository.fsck import FsckReport, check_links, check_objects
 from bootc_unified.repository.gc import GcResult, Walker, collect
 from bootc_unified.repository.meta import Meta
 from bootc_unified.repository.objects import Method, ObjectResult, ObjectStore
-from bootc_unified.repository.refs import escape_ref, object_id_of, relative_target, replace_symlink
+from bootc_unified.repository.refs import (
+    escape_ref,
+    links_under,
+    object_id_of,
+    relative_target,
+    replace_symlink,
+)
 from bootc_unified.verity import HashAlg
 
 __all__ = ["Method", "ObjectResult", "Repository", "escape_ref"]
@@ -169,15 +175,11 @@ class Repository:
 
     def refs(self) -> dict[str, str | None]:
         """Every ref under streams/refs and images/refs, mapped to its object ID (None if broken)."""
-        found: dict[str, str | None] = {}
-        for top in ("streams/refs", "images/refs"):
-            base = self.path / top
-            for dirpath, _dirs, files in os.walk(base):
-                for name in files + [d for d in _dirs if Path(dirpath, d).is_symlink()]:
-                    link = Path(dirpath, name)
-                    if name.startswith(".tmp-"):
-                        continue
-                    found[str(link.relative_to(self.path))] = object_id_of(link, self.objects.dir)
+        found = {
+            str(link.relative_to(self.path)): object_id_of(link, self.objects.dir)
+            for top in ("streams/refs", "images/refs")
+            for link in links_under(self.path / top)
+        }
         return dict(sorted(found.items()))
 
     def gc(self, dry_run: bool = False) -> GcResult:

@@ -6,13 +6,12 @@ import os
 import re
 import stat
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bootc_unified import verity
 from bootc_unified.repository import splitstream
 from bootc_unified.repository.objects import ObjectStore, describe_kind
-from bootc_unified.repository.refs import TMP_PREFIX, object_id_of
+from bootc_unified.repository.refs import links_under, object_id_of
 
 if TYPE_CHECKING:
     from bootc_unified.repository import Repository
@@ -75,15 +74,6 @@ def _check_one(store: ObjectStore, object_id: str, rel: str, report: FsckReport)
         report.problems.append(f"object {rel}: kernel fs-verity digest is {measured[1].hex()}")
 
 
-def _links(directory: Path) -> list[Path]:
-    out = []
-    for dirpath, dirs, files in os.walk(directory):
-        for name in [*files, *(d for d in dirs if Path(dirpath, d).is_symlink())]:
-            if not name.startswith(TMP_PREFIX):  # a crash's leftover; GC removes it
-                out.append(Path(dirpath, name))
-    return sorted(out)
-
-
 def check_links(repo: Repository, report: FsckReport) -> None:
     """Refs resolve; every named stream parses and its objects exist; every named image parses and
     the objects it redirects to exist."""
@@ -91,7 +81,7 @@ def check_links(repo: Repository, report: FsckReport) -> None:
     from bootc_unified.erofs.reader import referenced_objects
 
     objects = repo.objects
-    for link in _links(repo.path / "streams") + _links(repo.path / "images"):
+    for link in links_under(repo.path / "streams") + links_under(repo.path / "images"):  # no .tmp-
         rel = link.relative_to(repo.path)
         object_id = object_id_of(link, objects.dir)
         if object_id is None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bootc_unified.repository import splitstream
-from bootc_unified.repository.refs import TMP_PREFIX, object_id_of
+from bootc_unified.repository.refs import TMP_PREFIX, links_under, object_id_of
 
 IMAGE_NAMED_REF = "composefs.image"
 
@@ -66,24 +66,14 @@ class Walker:
         self.reached.update(self.image_objects(self.read(object_id)))
 
 
-def _links(directory: Path) -> list[Path]:
-    found = []
-    for dirpath, dirs, files in os.walk(directory):
-        found += [Path(dirpath, n) for n in files]
-        found += [Path(dirpath, d) for d in dirs if Path(dirpath, d).is_symlink()]
-    return sorted(found)
-
-
 def collect(repo_path: Path, objects_dir: Path, walker: Walker, dry_run: bool) -> GcResult:
     """The GC proper; the caller holds the exclusive lock."""
     result = GcResult()
-    for link in _links(repo_path / "streams" / "refs"):
-        target = None if link.name.startswith(TMP_PREFIX) else object_id_of(link, objects_dir)
-        if target is not None:
+    for link in links_under(repo_path / "streams" / "refs"):
+        if (target := object_id_of(link, objects_dir)) is not None:
             walker.stream(target)
-    for link in _links(repo_path / "images" / "refs"):
-        target = None if link.name.startswith(TMP_PREFIX) else object_id_of(link, objects_dir)
-        if target is not None:
+    for link in links_under(repo_path / "images" / "refs"):
+        if (target := object_id_of(link, objects_dir)) is not None:
             walker.image(target)
 
     for prefix in sorted(os.listdir(objects_dir)):
@@ -103,9 +93,7 @@ def collect(repo_path: Path, objects_dir: Path, walker: Walker, dry_run: bool) -
 
     gone = set(result.removed_objects)
     for top in ("streams", "images"):
-        for link in _links(repo_path / top):
-            if not link.is_symlink():
-                continue
+        for link in links_under(repo_path / top, with_tmp=True):
             target = object_id_of(link, objects_dir)
             if link.name.startswith(TMP_PREFIX) or target is None or target in gone:
                 result.removed_links.append(str(link.relative_to(repo_path)))

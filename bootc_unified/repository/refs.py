@@ -62,3 +62,15 @@ def object_id_of(link: Path, objects_dir: Path) -> str | None:
     if len(parts) != 2 or len(parts[0]) != 2:
         return None
     return parts[0] + parts[1]
+
+
+def links_under(directory: Path, with_tmp: bool = False) -> list[Path]:
+    """Every symlink below `directory` (links to directories included), sorted; the temporary links a
+    crash can leave behind only `with_tmp`."""
+    found = []
+    for dirpath, dirs, files in os.walk(directory):
+        for name in [*files, *(d for d in dirs if Path(dirpath, d).is_symlink())]:
+            path = Path(dirpath, name)
+            if path.is_symlink() and (with_tmp or not name.startswith(TMP_PREFIX)):
+                found.append(path)
+    return sorted(found)
