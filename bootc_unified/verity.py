@@ -15,7 +15,6 @@ import os
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
 
 BLOCK_SIZE = 4096
 LOG_BLOCK_SIZE = 12
@@ -117,14 +116,7 @@ def _finish(alg: HashAlg, tree: _Tree, size: int) -> bytes:
 
 
 def digest_bytes(data: bytes, alg: HashAlg = HashAlg.SHA512) -> bytes:
-    tree = _Tree(alg)
-    view = memoryview(data)
-    for off in range(0, len(data), BLOCK_SIZE):
-        block = view[off : off + BLOCK_SIZE]
-        if len(block) < BLOCK_SIZE:
-            block = memoryview(bytes(block) + bytes(BLOCK_SIZE - len(block)))
-        tree.add_data_block(block)
-    return _finish(alg, tree, len(data))
+    return _digest_chunks([data] if data else [], alg)
 
 
 def _digest_chunks(chunks: Iterable[bytes], alg: HashAlg) -> bytes:
@@ -151,11 +143,6 @@ def _digest_chunks(chunks: Iterable[bytes], alg: HashAlg) -> bytes:
     return _finish(alg, tree, size)
 
 
-def digest_stream(stream: BinaryIO, alg: HashAlg = HashAlg.SHA512) -> bytes:
-    """Digest everything readable from `stream` (read in large chunks, hashed per block)."""
-    return _digest_chunks(iter(lambda: stream.read(_READ_CHUNK), b""), alg)
-
-
 def _pread_chunks(fd: int) -> Iterator[bytes]:
     offset = 0
     while True:
@@ -172,8 +159,11 @@ def digest_fd(fd: int, alg: HashAlg = HashAlg.SHA512) -> bytes:
 
 
 def digest_file(path: str | os.PathLike[str], alg: HashAlg = HashAlg.SHA512) -> bytes:
-    with open(path, "rb", buffering=0) as f:
-        return digest_stream(f, alg)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return digest_fd(fd, alg)
+    finally:
+        os.close(fd)
 
 
 # --- kernel interface -------------------------------------------------------------------------
