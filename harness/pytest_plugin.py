@@ -56,12 +56,23 @@ def selected_kinds(config: pytest.Config) -> list[str]:
     return kinds
 
 
+def check_fs_marker(nodeid: str, marker: pytest.Mark) -> None:
+    """A misspelt @pytest.mark.fs(...) fails collection instead of quietly deselecting the test."""
+    unknown = [repr(a) for a in marker.args if a not in KINDS]
+    if not marker.args or unknown or marker.kwargs:
+        what = f"unknown filesystem {', '.join(unknown)}" if unknown else "expects filesystem names"
+        # a collection error for this module (pytest exits non-zero), reported in one line
+        pytest.fail(f"{nodeid}: @pytest.mark.fs: {what}; choose from {', '.join(KINDS)}", pytrace=False)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Parametrize `fs_kind` over the selected filesystems, narrowed by @pytest.mark.fs(...)."""
+    marker = metafunc.definition.get_closest_marker("fs")
+    if marker is not None:
+        check_fs_marker(metafunc.definition.nodeid, marker)
     if "fs_kind" not in metafunc.fixturenames:
         return
     kinds = selected_kinds(metafunc.config)
-    marker = metafunc.definition.get_closest_marker("fs")
     if marker is not None:
         kinds = [k for k in kinds if k in marker.args]
     metafunc.parametrize("fs_kind", kinds)

@@ -39,6 +39,7 @@ from harness.cstore_fixtures import (
     write_oci_layout,
 )
 from harness.loopfs import LoopFs
+from harness.proclocks import LockWatch, wait_until_blocked
 from harness.pytest_plugin import require
 from harness.run import run
 from harness.testimages import TestImages
@@ -398,6 +399,11 @@ def test_not_a_store(tmp_path: Path) -> None:
 # --- concurrency ------------------------------------------------------------------------------
 
 
+def store_lock_files(store: StoreDirs) -> list[Path]:
+    """The lock files containers/storage guards layers.json and images.json with."""
+    return [store.root / "overlay-layers" / "layers.lock", store.root / "overlay-images" / "images.lock"]
+
+
 @pytest.fixture
 def store_copy(base_store: StoreDirs, tmp_path: Path) -> Iterator[StoreDirs]:
     dirs = make_store_dirs(tmp_path / "s")
@@ -410,11 +416,17 @@ def store_copy(base_store: StoreDirs, tmp_path: Path) -> Iterator[StoreDirs]:
 def test_read_lock_holds_off_podman_writers(store_copy: StoreDirs) -> None:
     store = Store.open(store_copy.root)
     with store.read_lock():
+        before = (store_copy.root / "overlay-images" / "images.json").read_bytes()
         proc = subprocess.Popen(
             store_copy.podman("tag", "localhost/edge:latest", "localhost/edge:tagged"), env=store_copy.env
         )
-        time.sleep(3)
-        assert proc.poll() is None, "podman changed images.json while we held the read lock"
+        # the kernel's lock table shows podman waiting for a write lock on a lock file we hold
+        waiting = wait_until_blocked(proc, store_lock_files(store_copy), timeout=60)
+        assert waiting.kind == "POSIX" and waiting.mode == "WRITE", waiting
+        assert proc.poll() is None
+        assert (store_copy.root / "overlay-images" / "images.json").read_bytes() == before
+        with pytest.raises(ImageNotFound):
+            store.image("localhost/edge:tagged")
     assert proc.wait(timeout=60) == 0
     assert store.image("localhost/edge:tagged").id == store.image("edge").id
 
@@ -428,17 +440,23 @@ def test_reading_while_podman_pulls_into_the_same_store(store_copy: StoreDirs, l
         stderr=subprocess.PIPE,
     )
     rounds = 0
-    while proc.poll() is None or rounds == 0:
-        with store.read_lock():
-            image = store.image("edge")
-            assert image.id == edge.id
-            for layer in image.layers:
-                reassemble(layer)
-        rounds += 1
-        time.sleep(0.05)  # POSIX locks have no writer preference: leave the waiting writer a gap
+    # Overlap, from the kernel's lock table (sampled every 2 ms): at one instant a read of ours was in
+    # flight, waiting on a store lock file that skopeo held for writing (committing the layer or the
+    # image); every read, that one included, completed and saw the edge image unchanged.
+    with LockWatch(store_lock_files(store_copy)) as watch:
+        while proc.poll() is None or rounds == 0:
+            with store.read_lock():
+                image = store.image("edge")
+                assert image.id == edge.id
+                for layer in image.layers:
+                    reassemble(layer)
+            rounds += 1
+            time.sleep(0.05)  # POSIX locks have no writer preference: leave the waiting writer a gap
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
-    assert rounds >= 1
+    assert watch.contended(holder=proc.pid, waiter=os.getpid()), (
+        f"no read waited for the pull's write lock in {rounds} rounds over {len(watch.samples)} samples"
+    )
     big = store.image("big")
     with store.read_lock():
         for layer in big.layers:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from bootc_unified.repository import Repository
 from harness.loopfs import LoopFs
+from harness.proclocks import wait_until_blocked
 from harness.pytest_plugin import CLI, run_cli
 
 pytestmark = pytest.mark.storage
@@ -32,7 +32,9 @@ def test_exclusive_lock_blocks_writers_and_shared_does_not(loopfs: LoopFs) -> No
     add[-1] = str(other)
     with repo.gc_lock():
         proc = subprocess.Popen(add, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        time.sleep(2)
+        # the kernel's lock table shows add waiting for the repository's lock (its directory)
+        waiting = wait_until_blocked(proc, [repo_path], timeout=60)
+        assert waiting.kind == "FLOCK" and waiting.mode == "READ", waiting
         assert proc.poll() is None, "add must wait while GC holds the repository"
         assert objects(repo_path) == 1
     _out, err = proc.communicate(timeout=60)

@@ -95,10 +95,16 @@ def test_broken_pipe_stops_output_but_not_the_caller(capsys: pytest.CaptureFixtu
     assert capsys.readouterr().err.count("progress fd") == 1
 
 
-def test_for_cli_without_fd_or_tty_is_silent() -> None:
+def test_for_cli_without_fd_or_tty_is_silent(capfd: pytest.CaptureFixture[str]) -> None:
+    fds_before = set(os.listdir("/proc/self/fd"))
     sink = for_cli(None, tty=False)
     sink.send(event(1))
+    sink.send(ProgressSteps("pulling", "Pulling", "img", 0, 1, 2))
+    sink.send(event(10))
     sink.close()
+    out, err = capfd.readouterr()  # the process's own stdout/stderr, at the descriptor level
+    assert (out, err) == ("", "")
+    assert set(os.listdir("/proc/self/fd")) == fds_before  # no descriptor opened (or left open) to write to
 
 
 def test_rich_display_shows_task_and_layers() -> None:

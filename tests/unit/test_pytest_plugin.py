@@ -1,0 +1,62 @@
+"""The harness's pytest plugin: `--fs` selection and the @pytest.mark.fs(...) marker.
+
+Oracle: a separate pytest process collecting a tiny generated test file with the plugin loaded, its
+exit status and its own report of what it collected.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+INI = """[pytest]
+addopts = -p harness.pytest_plugin --strict-markers
+markers =
+    fs(*names): run only on these loop filesystems
+"""
+
+
+def collect(tmp_path: Path, body: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`pytest --collect-only -q` of a test file holding `body`, in a process of its own."""
+    (tmp_path / "pytest.ini").write_text(INI)
+    (tmp_path / "test_generated.py").write_text(f"import pytest\n\n\n{body}")
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_fs_marker_narrows_the_selection(tmp_path: Path) -> None:
+    body = '@pytest.mark.fs("xfs", "ext4")\ndef test_it(fs_kind):\n    pass\n'
+    proc = collect(tmp_path, body, "--fs", "btrfs,xfs,ext4")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "test_generated.py::test_it[xfs]" in proc.stdout
+    assert "test_generated.py::test_it[ext4]" in proc.stdout
+    assert "[btrfs]" not in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("marker", "message"),
+    [
+        ('fs("ext5")', "@pytest.mark.fs: unknown filesystem 'ext5'"),
+        ('fs("xfs", "btfrs")', "@pytest.mark.fs: unknown filesystem 'btfrs'"),
+        ("fs()", "@pytest.mark.fs: expects filesystem names"),
+    ],
+)
+@pytest.mark.parametrize("uses_fs_kind", [True, False])
+def test_misspelt_fs_marker_is_a_usage_error(
+    tmp_path: Path, marker: str, message: str, uses_fs_kind: bool
+) -> None:
+    """Not a silent skip: the run fails, naming the test and the bad value."""
+    args = "fs_kind" if uses_fs_kind else ""
+    proc = collect(tmp_path, f"@pytest.mark.{marker}\ndef test_it({args}):\n    pass\n")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode not in (0, 5), output  # 5: nothing collected
+    assert f"test_generated.py::test_it: {message}; choose from btrfs, xfs, ext4" in output, output
+    assert "1 test collected" not in output and "[xfs]" not in output
