@@ -117,8 +117,10 @@ class ImageStore:
         try:
             init = cls(tmp, authfile)
             init.podman(["images", "--quiet"])
-            # libpod's database pins the path it was created at; containers-storage itself does not.
-            (tmp / "libpod" / "bolt_state.db").unlink(missing_ok=True)
+            # libpod's database (podman 4: libpod/bolt_state.db, podman 5: db.sql) pins the path it
+            # was created at; containers-storage itself does not.
+            for database in ("libpod/bolt_state.db", "db.sql"):
+                (tmp / database).unlink(missing_ok=True)
             shutil.rmtree(init.state_dir, ignore_errors=True)
             try:
                 tmp.rename(root)

@@ -13,7 +13,7 @@ packages=(
     qemu-system-x86 qemu-utils ovmf systemd-boot-efi mmdebstrap
     libvirt-daemon-system libvirt-clients libxml2-utils libvirt-dev pkg-config
     python3 python3-venv python3-dev gcc
-    curl ca-certificates rsync zstd attr
+    curl ca-certificates rsync zstd attr python3-yaml
 )
 
 die() { echo "setup: $*" >&2; exit 1; }

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from bootc_unified.errors import UserError
 
-from . import image, internals
+from . import deploy, image, internals
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     internals.register(sub)
     image.register(sub)
+    deploy.register(sub)
     return parser
 
 

@@ -1,0 +1,183 @@
+"""`bootc-unified install ...` and `bootc-unified status`: bootc's verbs and flags.
+
+    install to-filesystem ROOT --boot-esp ESP [--karg K]... [--source-imgref REF] [--target-imgref REF]
+        [--target-transport T] [--experimental-unified-storage] [--allow-missing-verity]
+        [--tls-verify true|false] [--progress-fd N]
+    install to-disk DEVICE [--filesystem ext4|xfs|btrfs] (same image flags)
+    status [--format humanreadable|yaml|json] [--booted] [--sysroot DIR] [--esp DIR]
+
+Each handler turns argv into a frozen options dataclass (`*_opts(args)`, tested in
+tests/unit/test_cli.py) and calls the deploy module with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bootc_unified import progress
+from bootc_unified.errors import UserError
+
+if TYPE_CHECKING:
+    from bootc_unified.deploy.disk import InstallToDiskOpts
+    from bootc_unified.deploy.install import InstallToFilesystemOpts
+
+
+def _image_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--karg", action="append", default=[], metavar="KARG", help="kernel argument (repeatable)")
+    p.add_argument("--source-imgref", metavar="REF", help="docker://REF, containers-storage:IMG or oci:DIR")
+    p.add_argument("--target-imgref", metavar="REF", help="the image reference later upgrades follow")
+    p.add_argument("--target-transport", default="registry", metavar="T")
+    p.add_argument(
+        "--experimental-unified-storage",
+        action="store_true",
+        help="keep the image in ROOT/ostree/bootc/storage and import it zero-copy from there",
+    )
+    p.add_argument("--allow-missing-verity", action="store_true", help="install without fs-verity")
+    p.add_argument("--tls-verify", choices=["true", "false"], default="true")
+    p.add_argument("--progress-fd", type=int, metavar="N", help="write bootc progress JSON lines to fd N")
+
+
+def register(sub: Any) -> None:
+    install = sub.add_parser("install", help="install the first deployment")
+    targets = install.add_subparsers(dest="target", required=True, metavar="TARGET")
+
+    fs = targets.add_parser("to-filesystem", help="onto a mounted root filesystem and ESP")
+    fs.add_argument("root", type=Path, metavar="ROOT")
+    fs.add_argument("--boot-esp", type=Path, required=True, metavar="ESP", help="the mounted ESP")
+    _image_flags(fs)
+    fs.set_defaults(func=_to_filesystem)
+
+    disk = targets.add_parser("to-disk", help="partition DEVICE (GPT: ESP + root), then to-filesystem")
+    disk.add_argument("device", type=Path, metavar="DEVICE")
+    disk.add_argument("--filesystem", default="ext4", metavar="FS", help="ext4 (default), xfs or btrfs")
+    _image_flags(disk)
+    disk.set_defaults(func=_to_disk)
+
+    status = sub.add_parser("status", help="the deployments: booted, staged, rollback")
+    status.add_argument("--format", choices=["humanreadable", "yaml", "json"], default=None)
+    status.add_argument("--booted", action="store_true", help="only the booted deployment")
+    status.add_argument("--sysroot", type=Path, default=Path("/sysroot"), metavar="DIR")
+    status.add_argument("--esp", type=Path, metavar="DIR", help="default: the mounted vfat ESP")
+    status.add_argument("--mountinfo", type=Path, default=None, help=argparse.SUPPRESS)
+    status.add_argument("--staged-marker", type=Path, default=None, help=argparse.SUPPRESS)
+    status.set_defaults(func=_status)
+
+
+def _progress_fd(fd: int | None) -> int | None:
+    if fd is None:
+        return None
+    if fd in (0, 1, 2):
+        raise UserError(f"--progress-fd {fd}: use a descriptor other than stdin, stdout or stderr")
+    try:
+        os.fstat(fd)
+    except OSError as e:
+        raise UserError(f"--progress-fd {fd}: {e.strerror}") from e
+    return fd
+
+
+def to_filesystem_opts(args: argparse.Namespace) -> InstallToFilesystemOpts:
+    from bootc_unified.deploy.install import InstallToFilesystemOpts
+
+    return InstallToFilesystemOpts(
+        root=args.root,
+        boot_esp=args.boot_esp,
+        karg=tuple(args.karg),
+        source_imgref=args.source_imgref,
+        target_imgref=args.target_imgref,
+        target_transport=args.target_transport,
+        experimental_unified_storage=args.experimental_unified_storage,
+        allow_missing_verity=args.allow_missing_verity,
+        tls_verify=args.tls_verify == "true",
+        progress_fd=args.progress_fd,
+    )
+
+
+def to_disk_opts(args: argparse.Namespace) -> InstallToDiskOpts:
+    from bootc_unified.deploy.disk import InstallToDiskOpts
+
+    return InstallToDiskOpts(
+        device=args.device,
+        filesystem=args.filesystem,
+        karg=tuple(args.karg),
+        source_imgref=args.source_imgref,
+        target_imgref=args.target_imgref,
+        target_transport=args.target_transport,
+        experimental_unified_storage=args.experimental_unified_storage,
+        allow_missing_verity=args.allow_missing_verity,
+        tls_verify=args.tls_verify == "true",
+        progress_fd=args.progress_fd,
+    )
+
+
+@dataclass(frozen=True)
+class StatusOpts:  # bootc cli.rs StatusOpts (+ --sysroot/--esp for a root that is not booted)
+    format: str
+    booted: bool = False
+    sysroot: Path = Path("/sysroot")
+    esp: Path | None = None
+    mountinfo: Path | None = None
+    staged_marker: Path | None = None
+
+
+def status_opts(args: argparse.Namespace, tty: bool | None = None) -> StatusOpts:
+    fmt = args.format
+    if fmt is None:  # bootc: human-readable on a terminal, YAML otherwise
+        fmt = "humanreadable" if (sys.stdout.isatty() if tty is None else tty) else "yaml"
+    return StatusOpts(fmt, args.booted, args.sysroot, args.esp, args.mountinfo, args.staged_marker)
+
+
+def _to_filesystem(args: argparse.Namespace) -> int:
+    from bootc_unified.deploy.install import install_to_filesystem
+
+    opts = to_filesystem_opts(args)
+    sink = progress.for_cli(_progress_fd(opts.progress_fd))
+    try:
+        result = install_to_filesystem(opts, sink)
+    finally:
+        sink.close()
+    sys.stdout.write(result.summary())
+    return 0
+
+
+def _to_disk(args: argparse.Namespace) -> int:
+    from bootc_unified.deploy.disk import install_to_disk
+
+    opts = to_disk_opts(args)
+    sink = progress.for_cli(_progress_fd(opts.progress_fd))
+    try:
+        result = install_to_disk(opts, sink)
+    finally:
+        sink.close()
+    sys.stdout.write(result.summary())
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from bootc_unified.boot.cmdline import parse_composefs, read_proc_cmdline
+    from bootc_unified.deploy import status, sysroot
+    from bootc_unified.deploy.staged import MARKER, StagedMarker
+
+    opts = status_opts(args)
+    mountinfo = opts.mountinfo or sysroot.MOUNTINFO
+    esp = opts.esp or sysroot.default_esp(mountinfo)
+    booted = sysroot.booted_id(mountinfo)
+    cmdline_arg = parse_composefs(read_proc_cmdline()) if opts.mountinfo is None else None
+    report = status.build(
+        sysroot.Sysroot(opts.sysroot),
+        sysroot.Esp(esp),
+        booted,
+        StagedMarker.read(opts.staged_marker or MARKER),
+        cmdline_arg.insecure if cmdline_arg else None,
+    )
+    host = status.only_booted(report.host) if opts.booted else report.host
+    report = status.StatusReport(host, report.problems)
+    if opts.format != "humanreadable":
+        for problem in report.problems:
+            print(f"bootc-unified: warning: {problem}", file=sys.stderr)
+    sys.stdout.write(status.render(report, opts.format))
+    return 0

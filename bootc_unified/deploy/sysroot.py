@@ -1,0 +1,175 @@
+"""Paths on the physical root and the ESP, and which deployment is booted.
+
+The booted id is the mount source of `/` in /proc/self/mountinfo: `composefs:<id>` (what the
+initramfs sets), or `transient:composefs=<id>` for a transient root (bootc `BC/status.rs`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from bootc_unified.errors import UserError
+
+MOUNTINFO = Path("/proc/self/mountinfo")
+ESP_CANDIDATES = (Path("/boot/efi"), Path("/efi"), Path("/boot"))
+KERNEL_DIR_PREFIX = "bootc_composefs-"
+
+
+@dataclass(frozen=True)
+class Sysroot:
+    """The physical root (`/sysroot` on a booted system, the target during install)."""
+
+    root: Path
+
+    @property
+    def repo(self) -> Path:
+        return self.root / "composefs"
+
+    @property
+    def store(self) -> Path:
+        return self.root / "ostree" / "bootc" / "storage"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def deploy_dir(self) -> Path:
+        return self.state / "deploy"
+
+    def deployment(self, depl_id: str) -> Path:
+        return self.deploy_dir / depl_id
+
+    def origin(self, depl_id: str) -> Path:
+        return self.deployment(depl_id) / f"{depl_id}.origin"
+
+    @property
+    def shared_var(self) -> Path:
+        return self.state / "os" / "default" / "var"
+
+
+@dataclass(frozen=True)
+class Esp:
+    """The EFI system partition (mounted), where systemd-boot reads entries and kernels."""
+
+    root: Path
+
+    @property
+    def entries(self) -> Path:
+        return self.root / "loader" / "entries"
+
+    @property
+    def entries_staged(self) -> Path:
+        return self.root / "loader" / "entries.staged"
+
+    @property
+    def loader_conf(self) -> Path:
+        return self.root / "loader" / "loader.conf"
+
+    @property
+    def linux(self) -> Path:
+        return self.root / "EFI" / "Linux"
+
+    def kernel_dir(self, name_id: str) -> Path:
+        return self.linux / f"{KERNEL_DIR_PREFIX}{name_id}"
+
+    def kernel_dirs(self) -> list[Path]:
+        if not self.linux.is_dir():
+            return []
+        return sorted(p for p in self.linux.iterdir() if p.name.startswith(KERNEL_DIR_PREFIX) and p.is_dir())
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal."""
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit() and len(field[i + 1 : i + 4]) == 3:
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mounts(mountinfo: Path = MOUNTINFO) -> list[tuple[str, str, str]]:
+    """(mount point, fs type, source) per line of a mountinfo file."""
+    try:
+        text = mountinfo.read_text()
+    except OSError as e:
+        raise UserError(f"{mountinfo}: {e.strerror}") from e
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if "-" not in fields:
+            raise UserError(f"{mountinfo}:{n}: not a mountinfo line")
+        sep = fields.index("-")
+        if len(fields) < sep + 3 or sep < 5:
+            raise UserError(f"{mountinfo}:{n}: not a mountinfo line")
+        out.append((_unescape(fields[4]), fields[sep + 1], _unescape(fields[sep + 2])))
+    return out
+
+
+def booted_id(mountinfo: Path = MOUNTINFO) -> str | None:
+    """The deployment id of `/` from its mount source, or None when `/` is not a composefs mount."""
+    source = None
+    for point, _fstype, src in mounts(mountinfo):
+        if point == "/":
+            source = src  # the last mount on / is the visible one
+    if source is None:
+        return None
+    for prefix in ("composefs:", "transient:composefs="):
+        if source.startswith(prefix):
+            return source.removeprefix(prefix).removeprefix("?")
+    return None
+
+
+def find_esp(mountinfo: Path = MOUNTINFO) -> Path | None:
+    """The mounted vfat at /boot/efi, /efi or /boot (first found), as a booted system has it."""
+    vfat = {point for point, fstype, _ in mounts(mountinfo) if fstype in ("vfat", "msdos")}
+    for candidate in ESP_CANDIDATES:
+        if str(candidate) in vfat:
+            return candidate
+    return None
+
+
+def default_esp(mountinfo: Path = MOUNTINFO) -> Path:
+    esp = find_esp(mountinfo)
+    if esp is None:
+        raise UserError("no EFI system partition mounted (vfat at /boot/efi, /efi or /boot); pass --esp DIR")
+    return esp
+
+
+# Filesystems whose kernel support for fs-verity bootc counts on; elsewhere (XFS) verity is optional.
+VERITY_FILESYSTEMS = ("ext4", "btrfs")
+
+
+def fs_type(path: Path) -> str | None:
+    """The type of the filesystem holding `path` (the longest mountinfo mount point above it)."""
+    best: tuple[int, str] | None = None
+    target = str(Path(path).resolve())
+    for point, fstype, _src in mounts():
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) > best[0]):
+            best = (len(point), fstype)
+    return best[1] if best else None
+
+
+def fs_uuid(path: Path) -> str | None:
+    """The UUID of the filesystem holding `path` (findmnt for its device, blkid for the UUID);
+    None when not findable (no device, or no tool)."""
+    import subprocess
+
+    try:
+        source = subprocess.run(
+            ["findmnt", "-n", "-o", "SOURCE", "--target", str(path)], capture_output=True, text=True
+        ).stdout.strip()
+        if not source.startswith("/dev/"):
+            return None
+        proc = subprocess.run(
+            ["blkid", "-o", "value", "-s", "UUID", source.split("[")[0]], capture_output=True, text=True
+        )
+    except FileNotFoundError:
+        return None
+    return proc.stdout.strip() or None
