@@ -11,8 +11,9 @@ Options: --vm-backend libvirt|qemu|mixed (mixed: XFS on plain QEMU, the others o
 run proves both backends without extra boots), --accel auto|kvm|tcg, --keep-vm-on-failure
 (leaves the VM running and prints how to SSH in), --vm-artifacts DIR (default artifacts/vm).
 Per test, DIR/<test>/ gets the console log, the guest journal, and the domain XML or QEMU command
-line. Names, ports, disks and work directories are per test, so pytest-xdist workers never share
-them; the image and disk caches take file locks.
+line. At teardown every VM is destroyed and its console log checked (console.py), each step even
+when an earlier one failed. Names, ports, disks and work directories are per test, so pytest-xdist
+workers never share them; the image and disk caches take file locks.
 """
 
 from __future__ import annotations
@@ -32,7 +33,17 @@ from harness.images import GuestImage, ImageBuilder
 from harness.pytest_plugin import require
 from harness.registry import Registry
 from harness.ssh import KeyPair, ensure_keypair
-from harness.vm import BACKENDS, Accel, Machine, MachineSpec, create, detect, find_firmware, free_port
+from harness.vm import (
+    BACKENDS,
+    Accel,
+    Machine,
+    MachineError,
+    MachineSpec,
+    create,
+    detect,
+    find_firmware,
+    free_port,
+)
 from harness.vm import firmware as firmware_mod
 from harness.vm import libvirtd as libvirtd_mod
 from harness.vm import qemu as qemu_mod
@@ -249,21 +260,50 @@ def vm_factory(
     yield factory
 
     keep = _failed(request.node) and request.config.getoption("--keep-vm-on-failure")
-    errors: list[BaseException] = []
+    directory = artifacts_dir(request)
+    errors = finish_machines(
+        machines, lambda m: directory / (m.spec.name if len(machines) > 1 else ""), keep=keep
+    )
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise TeardownError(errors)
+
+
+class TeardownError(Exception):
+    """More than one thing went wrong while finishing a test's VMs; names them all."""
+
+    def __init__(self, errors: list[Exception]) -> None:
+        self.errors = errors
+        listed = "\n".join(f"- {type(e).__name__}: {e}" for e in errors)
+        super().__init__(f"{len(errors)} problems while finishing the test's VMs:\n{listed}")
+
+
+def finish_machines(
+    machines: list[Machine], artifacts: Callable[[Machine], Path], *, keep: bool
+) -> list[Exception]:
+    """Save each machine's artifacts, destroy it (unless `keep`), then check every console log.
+    Every step runs whatever failed before it (a VM that cannot be destroyed still gets its console
+    checked); returns what failed, in order."""
+    errors: list[Exception] = []
     for machine in machines:
         try:
-            machine.save_artifacts(artifacts_dir(request) / (machine.spec.name if len(machines) > 1 else ""))
+            machine.save_artifacts(artifacts(machine))
         except Exception as e:
             errors.append(e)
         if not keep:
-            machine.destroy()
+            try:
+                machine.destroy()
+            except Exception as e:
+                failure = MachineError(f"destroying {machine.spec.name} ({machine.backend}) failed: {e}")
+                failure.__cause__ = e
+                errors.append(failure)
     for machine in machines:
         try:
             machine.check_console()
-        except AssertionError as e:
+        except Exception as e:
             errors.append(e)
-    if errors:
-        raise errors[0]
+    return errors
 
 
 @pytest.fixture

@@ -79,8 +79,10 @@ class SSH:
 
     # -- connection ---------------------------------------------------------------------
 
-    def connect(self, timeout: float) -> float:
-        """Connect, retrying with backoff until `timeout` seconds pass; returns the seconds it took."""
+    def connect(self, timeout: float, abort: Callable[[], str | None] | None = None) -> float:
+        """Connect, retrying with backoff until `timeout` seconds pass; returns the seconds it took.
+        `abort`, asked after each failed attempt, returns why waiting longer is pointless (say, the
+        guest's kernel panicked) to stop at once, or None to go on."""
         started = time.monotonic()
         deadline = started + timeout
         delay = 0.5
@@ -109,6 +111,9 @@ class SSH:
             except (OSError, paramiko.SSHException, EOFError) as e:
                 last = e
                 client.close()
+                why = abort() if abort is not None else None
+                if why is not None:
+                    raise SSHError(f"gave up waiting for SSH on {self.host}:{self.port}: {why}") from e
                 time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 1.5, 5.0)
         raise SSHError(f"no SSH on {self.host}:{self.port} within {timeout:.0f}s (last error: {last!r})")
@@ -232,11 +237,15 @@ def reboot(
     *,
     soft: bool = False,
     after_drop: Callable[[], None] | None = None,
+    after_connect: Callable[[], None] | None = None,
+    abort: Callable[[], str | None] | None = None,
 ) -> Reboot:
     """Reboot the guest and reconnect; checks a new boot_id (reboot) or SoftRebootsCount+1 (soft).
 
     `after_drop` runs once the connection is gone: the machine layer restarts a QEMU that exited
-    on reboot there (QEMU's -no-reboot, libvirt's on_reboot=destroy)."""
+    on reboot there (QEMU's -no-reboot, libvirt's on_reboot=destroy). `after_connect` runs once
+    SSH answers again, before anything is read from the guest: the machine layer checks there that
+    the connection reached its own VM. `abort` is passed to SSH.connect."""
     started = time.monotonic()
     before = ssh.boot_id()
     soft_before = ssh.soft_reboots_count()
@@ -244,7 +253,9 @@ def reboot(
     ssh.wait_for_drop(timeout)
     if after_drop is not None:
         after_drop()
-    ssh.connect(max(1.0, started + timeout - time.monotonic()))
+    ssh.connect(max(1.0, started + timeout - time.monotonic()), abort=abort)
+    if after_connect is not None:
+        after_connect()
     after = ssh.boot_id()
     soft_after = ssh.soft_reboots_count()
     if soft:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from harness.vm.accel import Accel, detect
 from harness.vm.firmware import Firmware, find_firmware
-from harness.vm.machine import Machine, MachineError
+from harness.vm.machine import Machine, MachineError, WrongMachine
 from harness.vm.spec import MachineSpec, free_port
 
 BACKENDS = ("libvirt", "qemu")
@@ -30,6 +30,7 @@ __all__ = [
     "Machine",
     "MachineError",
     "MachineSpec",
+    "WrongMachine",
     "create",
     "detect",
     "find_firmware",

@@ -23,6 +23,7 @@ from harness.vm.firmware import Firmware, find_firmware
 ENV = "BOOTC_UNIFIED_ACCEL"
 CHOICES = ("auto", "kvm", "tcg")
 PROBE_SECONDS = 20.0
+KVM_DEVICE = "/dev/kvm"
 PROBE_MARKER = b"BdsDxe"  # OVMF's boot device selection phase prints this on the serial console
 
 
@@ -41,10 +42,12 @@ TCG = "tcg"
 TCG_SCALE = 10.0
 
 
-def kvm_works(firmware: Firmware, seconds: float = PROBE_SECONDS) -> tuple[bool, str]:
+def kvm_works(
+    firmware: Firmware, seconds: float = PROBE_SECONDS, device: str = KVM_DEVICE
+) -> tuple[bool, str]:
     """Boot OVMF under KVM (no disk) and wait for its boot manager; (works, why)."""
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return False, "/dev/kvm is missing or not accessible"
+    if not os.access(device, os.R_OK | os.W_OK):
+        return False, f"{device} is missing or not accessible"
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         return False, "qemu-system-x86_64 not found"

@@ -1,7 +1,7 @@
 """Libvirt domain XML, built from a dataclass (no templates): q35, OVMF with a per-VM vars file,
-one virtio disk, a serial console written to a file, and QEMU user networking with SSH forwarded
-to a loopback port (passed through <qemu:commandline>, since libvirt's own user networking maps
-ports only through passt)."""
+the VM's SMBIOS serial (<sysinfo>), one virtio disk, a serial console written to a file, and QEMU
+user networking with SSH forwarded to a loopback port (passed through <qemu:commandline>, since
+libvirt's own user networking maps ports only through passt)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ class DomainConfig:
     disk: Path
     console_log: Path
     ssh_port: int
+    serial: str
     emulator: str = "/usr/bin/qemu-system-x86_64"
 
     @classmethod
@@ -39,6 +40,7 @@ class DomainConfig:
             disk=spec.disk,
             console_log=spec.console_log,
             ssh_port=spec.ssh_port,
+            serial=spec.serial,
         )
 
     def to_xml(self) -> str:
@@ -51,6 +53,9 @@ class DomainConfig:
         _text(os_, "type", "hvm", arch="x86_64", machine="q35")
         _text(os_, "loader", str(self.firmware_code), readonly="yes", type="pflash")
         _text(os_, "nvram", str(self.vars_file))
+        ET.SubElement(os_, "smbios", mode="sysinfo")  # the guest's product_serial (machine.py)
+        system = ET.SubElement(ET.SubElement(domain, "sysinfo", type="smbios"), "system")
+        _text(system, "entry", self.serial, name="serial")
         features = ET.SubElement(domain, "features")
         ET.SubElement(features, "acpi")
         ET.SubElement(features, "apic")

@@ -6,6 +6,15 @@ Reboots: VMs run with QEMU's -no-reboot (libvirt: on_reboot=destroy), so a guest
 QEMU process and the harness starts it again with the same disk and vars file. Under TCG this
 avoids the slowdown of warm reboots inside one QEMU process, and a reboot that hangs in firmware
 is seen as a hang rather than masked.
+
+Identity: ports are picked free a moment before QEMU binds them, every guest has the same SSH key
+and host keys are not pinned, so a VM whose QEMU lost its port would run its test in whichever
+guest holds it. Each VM therefore gets its own SMBIOS serial (MachineSpec.serial) and, whenever SSH
+connects (boot, reboot, soft reboot), `verify_identity` checks that the VM is still running and
+that the guest reports that serial.
+
+Console: every check also counts kernel banners against the boots started (console.py), and a
+wait for SSH (boot, reboot) ends as soon as the console shows trouble, not at its timeout.
 """
 
 from __future__ import annotations
@@ -23,10 +32,15 @@ from harness.vm.spec import MachineSpec
 BOOT_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 60.0
+SERIAL_PATH = "/sys/class/dmi/id/product_serial"
 
 
 class MachineError(RuntimeError):
     pass
+
+
+class WrongMachine(MachineError):
+    """SSH reached a guest that is not this VM (or this VM is not running)."""
 
 
 @dataclass
@@ -43,6 +57,7 @@ class Machine(ABC):
         self.ssh = SSH("127.0.0.1", spec.ssh_port, spec.ssh_key)
         self.timings = Timings()
         self._started_at = 0.0
+        self.boots = 0  # VM processes started: each one boots a kernel (console banners)
         spec.workdir.mkdir(parents=True, exist_ok=True)
         if not spec.vars_file.exists():
             spec.firmware.new_vars(spec.vars_file)
@@ -77,21 +92,50 @@ class Machine(ABC):
             raise MachineError(f"{self.spec.name} is already running")
         self._started_at = time.monotonic()
         self._launch()
+        self.boots += 1
 
     def wait_ssh(self, timeout: float | None = None) -> float:
-        """Wait until SSH answers; returns seconds since start(). Checks the console on failure."""
+        """Wait until SSH answers, then check that it reached this VM and that the console is
+        clean; returns seconds since start(). On failure the console is checked for trouble first."""
         limit = timeout if timeout is not None else self.timeout(BOOT_TIMEOUT)
         try:
-            self.ssh.connect(limit)
+            self.ssh.connect(limit, abort=self.console_trouble)
         except Exception as e:
-            self.check_console()
+            log = self.spec.console_log
+            if log.is_file():
+                console.check(log)  # trouble on the console explains the failure best
+            text = self.console_text()
             state = "running" if self.is_running() else "not running"
             raise MachineError(
-                f"{self.spec.name} ({self.backend}, {state}): {e}; console: {self.spec.console_log}"
+                f"{self.spec.name} ({self.backend}, {state}): {e}; console: {log} "
+                f"({console.banners(text)} kernel banner(s) for {self.boots} boot(s))"
             ) from e
         took = time.monotonic() - self._started_at
+        self.verify_identity()
+        self.check_console()
         self.timings.boots_to_ssh.append(took)
         return took
+
+    def console_trouble(self) -> str | None:
+        """The first trouble on the console so far (see console.py), or None: waiting for SSH
+        stops there, since the test fails on it anyway (a panicked guest never answers)."""
+        findings = console.scan(self.console_text())
+        return str(findings[0]) if findings else None
+
+    def verify_identity(self) -> None:
+        """Raise WrongMachine unless this VM is running and the guest SSH reached reports this
+        VM's SMBIOS serial. The connection is closed on a mismatch, so nothing else runs there."""
+        got = self.ssh.run(["cat", SERIAL_PATH], timeout=self.timeout(COMMAND_TIMEOUT), check=False)
+        seen = got.stdout.strip() if got.ok else f"unreadable ({got.stderr.strip() or got.exit_code})"
+        running = self.is_running()
+        if running and seen == self.spec.serial:
+            return
+        self.ssh.close()
+        raise WrongMachine(
+            f"{self.spec.name} ({self.backend}, {'running' if running else 'not running'}) expects "
+            f"serial {self.spec.serial}, but SSH on 127.0.0.1:{self.spec.ssh_port} reached a guest "
+            f"with serial {seen}"
+        )
 
     def boot(self) -> float:
         self.start()
@@ -114,7 +158,11 @@ class Machine(ABC):
     def reboot(self) -> Reboot:
         """Reboot the guest; returns once SSH answers with a new boot_id."""
         result = reboot(
-            self.ssh, self.timeout(BOOT_TIMEOUT + STOP_TIMEOUT), after_drop=self._restart_after_reboot
+            self.ssh,
+            self.timeout(BOOT_TIMEOUT + STOP_TIMEOUT),
+            after_drop=self._restart_after_reboot,
+            after_connect=self.verify_identity,
+            abort=self.console_trouble,
         )
         self.timings.reboots.append(result.seconds)
         self.check_console()
@@ -122,7 +170,13 @@ class Machine(ABC):
 
     def soft_reboot(self) -> Reboot:
         """`systemctl soft-reboot`: same kernel and boot_id, SoftRebootsCount + 1."""
-        result = reboot(self.ssh, self.timeout(BOOT_TIMEOUT), soft=True)
+        result = reboot(
+            self.ssh,
+            self.timeout(BOOT_TIMEOUT),
+            soft=True,
+            after_connect=self.verify_identity,
+            abort=self.console_trouble,
+        )
         self.check_console()
         return result
 
@@ -159,7 +213,10 @@ class Machine(ABC):
         return path.read_text(errors="replace") if path.exists() else ""
 
     def check_console(self) -> None:
-        console.check(self.spec.console_log)
+        """Raise console.ConsoleError when the console log is missing, shows trouble, or does not
+        show one kernel banner per boot. Nothing to check on a machine that was never started."""
+        if self.boots:
+            console.check(self.spec.console_log, boots=self.boots)
 
     @property
     def journal_file(self) -> Path:

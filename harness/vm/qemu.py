@@ -25,6 +25,7 @@ def qemu_argv(spec: MachineSpec) -> list[str]:
         *("-name", spec.name),
         *("-machine", "q35", "-accel", accel, *cpu),
         *("-m", str(spec.memory_mib), "-smp", str(spec.cpus)),
+        *("-smbios", f"type=1,serial={spec.serial}"),  # the guest's product_serial (machine.py)
         *("-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"),
         *("-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={spec.firmware.code}"),
         *("-drive", f"if=pflash,format=raw,unit=1,file={spec.vars_file}"),

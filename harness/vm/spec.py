@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import secrets
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,8 @@ from harness.vm.firmware import Firmware
 
 # The guest's view of QEMU user networking: the host (and its loopback services) is 10.0.2.2.
 HOST_ADDRESS_FROM_GUEST = "10.0.2.2"
+# Safe in QEMU's option syntax (no commas) and in XML, and short enough for an SMBIOS string.
+SERIAL_CHARS = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,16 @@ class MachineSpec:
     ssh_key: Path
     memory_mib: int = 2048
     cpus: int = 2
+    # The SMBIOS system serial the guest reports (/sys/class/dmi/id/product_serial): unique per VM
+    # (default: the name and 8 random hex digits), so the harness can tell that SSH reached this
+    # VM and not another one that got the same forwarded port.
+    serial: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.serial:
+            object.__setattr__(self, "serial", f"{self.name}-{secrets.token_hex(4)}")
+        if not SERIAL_CHARS.fullmatch(self.serial):
+            raise ValueError(f"VM serial {self.serial!r}: use 1-64 of A-Z a-z 0-9 . _ -")
 
     @property
     def vars_file(self) -> Path:

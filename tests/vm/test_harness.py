@@ -1,21 +1,25 @@
-"""Fast checks of the VM harness's pure parts: console scanning, domain XML, QEMU command line."""
+"""Fast checks of the VM harness's pure parts: console scanning, domain XML, QEMU command line,
+teardown order. (tests/vm/test_harness_vm.py boots guests for the identity and KVM checks.)"""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
 from harness.pytest_plugin import require
-from harness.vm import console
-from harness.vm.accel import ENV, TCG, TCG_SCALE, Accel, detect
+from harness.pytest_vm import finish_machines
+from harness.ssh import SSH, SSHError
+from harness.vm import Machine, MachineError, console
+from harness.vm.accel import ENV, TCG, TCG_SCALE, Accel, detect, kvm_works
 from harness.vm.domain import DomainConfig
 from harness.vm.firmware import Firmware
-from harness.vm.firmware import missing_prerequisites as firmware_missing
 from harness.vm.qemu import qemu_argv
-from harness.vm.spec import MachineSpec
+from harness.vm.spec import MachineSpec, free_port
 
 CLEAN = """\
 [    0.000000] Linux version 6.12.117+deb13-amd64
@@ -35,6 +39,49 @@ bootc-guest login:
         ("\x1b[0;32m  OK  \x1b[0m] Reached target emergency.target - Emergency Mode.", "emergency shell"),
         ('You are in rescue mode. After logging in, type "journalctl -xb"', "rescue shell"),
         ("(initramfs) ", "initramfs shell"),
+        ("[   12.345678] ------------[ cut here ]------------", "kernel WARNING"),
+        (
+            "[   12.345700] WARNING: CPU: 0 PID: 1 at fs/ext4/inode.c:5123 ext4_evict_inode+0x1d5/0x1e0",
+            "kernel WARNING",
+        ),
+        ("[   13.100000] WARNING: possible circular locking dependency detected", "kernel WARNING"),
+        ("[   12.346000] Call Trace:", "kernel call trace"),
+        ("[  242.100000] INFO: task systemd-journal:341 blocked for more than 120 seconds.", "hung task"),
+        ("[   60.100000] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:", "RCU stall"),
+        ("[   60.200000] rcu: INFO: rcu_sched self-detected stall on CPU", "RCU stall"),
+        (
+            "[    9.100000] EXT4-fs error (device vda2): ext4_lookup:1855: inode #2: comm ls: deleted inode",
+            "ext4 error",
+        ),
+        (
+            "[    9.200000] BTRFS error (device vda2): bad tree block start, mirror 1 want 30408704 have 0",
+            "btrfs error",
+        ),
+        (
+            "[    9.300000] BTRFS critical (device vda2): corrupt leaf: root=5 block=30408704 slot=3",
+            "btrfs error",
+        ),
+        ("[    9.400000] XFS (vda2): Corruption detected. Unmount and run xfs_repair", "XFS corruption"),
+        (
+            "[    9.500000] XFS (vda2): Metadata corruption detected at xfs_dinode_verify+0x1a/0x2b",
+            "XFS corruption",
+        ),
+        (
+            "[\x1b[0;1;31mFAILED\x1b[0m] Failed to start systemd-networkd.service - Network Configuration.",
+            "systemd unit failed",
+        ),
+        (
+            "[\x1b[0;1;33mDEPEND\x1b[0m] Dependency failed for sshd.service - OpenBSD Secure Shell server.",
+            "systemd unit failed",
+        ),
+        (
+            "[    2.100000] systemd[1]: sockets.target: Found ordering cycle on basic.target/start",
+            "systemd ordering cycle",
+        ),
+        (
+            "[   80.100000] podman invoked oom-killer: gfp_mask=0x140cca(GFP_HIGHUSER_MOVABLE), order=0",
+            "out of memory",
+        ),
     ],
 )
 def test_console_trouble_is_named_with_its_line(tmp_path: Path, line: str, what: str) -> None:
@@ -47,11 +94,56 @@ def test_console_trouble_is_named_with_its_line(tmp_path: Path, line: str, what:
     assert "console line 4" in str(info.value)
 
 
+# Benign lines from real boots of the guest (artifacts/vm/*/console.log) that resemble trouble.
+BENIGN = [
+    "[    0.194141] rcu: Preemptible hierarchical RCU implementation.",
+    "[    0.194331] \tTrampoline variant of Tasks RCU enabled.",
+    "[    0.240753] rcu: srcu_init: Setting srcu_struct sizes based on contention.",
+    '[    1.152452] PCI: Using host bridge windows from ACPI; if necessary, use "pci=nocrs" and report a bug',
+    "[    4.226142] RAS: Correctable Errors collector initialized.",
+    "Warning: fsck not present, so skipping root file system",
+    "WARNING: apt does not have a stable CLI interface. Use with caution in scripts.",
+    "[   20.1] (sd-exec-[258]: /usr/lib/systemd/system-generators/systemd-ssh-generator "
+    "failed with exit status 1.",
+    "[   39.533999] platform regulatory.0: firmware: failed to load regulatory.db (-2)",
+    "[    5.1] EXT4-fs (vda2): mounted filesystem 8ed7d709 r/w with ordered data mode. Quota mode: none.",
+    "[    5.200000] BTRFS info (device vda2): first mount of filesystem 68e06772-f406-5133-a032-38f99da15d25",
+    "[    5.300000] XFS (vda2): Mounting V5 Filesystem f6e12005-ab65-523f-a7b4-1a90944365f4",
+    "[    5.400000] XFS (vda2): Ending clean mount",
+    "[\x1b[0;32m  OK  \x1b[0m] Listening on systemd-coredump.socket - Process Core Dump Socket.",
+    "[\x1b[0;32m  OK  \x1b[0m] Finished systemd-fsck-root.service - File System Check on Root Device.",
+    "         Mounting sys-kernel-tracing.mount - Kernel Trace File System...",
+    "[   30.000000] reboot: Power down",
+]
+
+
+@pytest.mark.parametrize("line", BENIGN)
+def test_benign_console_lines_pass(line: str) -> None:
+    assert console.scan(CLEAN + line + "\n") == []
+
+
 def test_clean_console_passes(tmp_path: Path) -> None:
     log = tmp_path / "console.log"
     log.write_text(CLEAN)
     console.check(log)
+    console.check(log, boots=1)
     assert console.scan(CLEAN) == []
+
+
+def test_missing_console_log_fails(tmp_path: Path) -> None:
+    with pytest.raises(console.ConsoleError, match="serial console log is missing"):
+        console.check(tmp_path / "console.log")
+
+
+@pytest.mark.parametrize(("logged", "boots"), [(1, 2), (2, 1), (0, 1), (2, 3)])
+def test_one_kernel_banner_per_boot(tmp_path: Path, logged: int, boots: int) -> None:
+    """The log accumulates across QEMU restarts: N boots must show N "Linux version" lines."""
+    log = tmp_path / "console.log"
+    log.write_text("BdsDxe: loading Boot0001\n" + CLEAN * logged)
+    console.check(log, boots=logged)
+    with pytest.raises(console.ConsoleError) as info:
+        console.check(log, boots=boots)
+    assert f"{logged} kernel banner(s) ('Linux version ...') for {boots} boot(s)" in str(info.value)
 
 
 def spec(tmp_path: Path) -> MachineSpec:
@@ -66,8 +158,21 @@ def spec(tmp_path: Path) -> MachineSpec:
     )
 
 
+def test_serials_are_unique_and_safe(tmp_path: Path) -> None:
+    one, two = spec(tmp_path), spec(tmp_path)
+    assert one.serial.startswith("bootc-unified-test-") and one.serial != two.serial
+    with pytest.raises(ValueError, match="VM serial 'a,b'"):
+        MachineSpec(**{**one.__dict__, "serial": "a,b"})
+
+
 def test_domain_xml_is_valid_libvirt(tmp_path: Path) -> None:
-    xml = DomainConfig.from_spec(spec(tmp_path)).to_xml()
+    machine = spec(tmp_path)
+    xml = DomainConfig.from_spec(machine).to_xml()
+    root = ET.fromstring(xml)
+    smbios = root.find("os/smbios")
+    assert smbios is not None and smbios.get("mode") == "sysinfo"
+    entry = root.find("sysinfo[@type='smbios']/system/entry[@name='serial']")
+    assert entry is not None and entry.text == machine.serial
     for needle in (
         "<domain xmlns:qemu=",
         'type="qemu"',
@@ -88,7 +193,9 @@ def test_domain_xml_is_valid_libvirt(tmp_path: Path) -> None:
 
 
 def test_qemu_argv(tmp_path: Path) -> None:
-    argv = qemu_argv(spec(tmp_path))
+    machine = spec(tmp_path)
+    argv = qemu_argv(machine)
+    assert argv[argv.index("-smbios") + 1] == f"type=1,serial={machine.serial}"
     assert "-no-reboot" in argv
     assert "tcg,tb-size=256" in argv
     assert "user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22" in argv
@@ -104,11 +211,62 @@ def test_accel_override(monkeypatch: pytest.MonkeyPatch) -> None:
     detect.cache_clear()
 
 
-def test_accel_auto_probes(monkeypatch: pytest.MonkeyPatch) -> None:
-    require(firmware_missing(), "the KVM probe")
-    detect.cache_clear()
-    monkeypatch.delenv(ENV, raising=False)
-    accel = detect("auto")
-    assert accel.name in ("kvm", "tcg") and accel.reason
-    assert accel.scale == (1.0 if accel.name == "kvm" else TCG_SCALE)
-    detect.cache_clear()
+def test_kvm_probe_without_device(tmp_path: Path) -> None:
+    """No /dev/kvm: the probe says so without starting QEMU (tests/vm/test_harness_vm.py checks
+    the probe's decision against a real boot where the device exists)."""
+    missing = Firmware(tmp_path / "no-code.fd", tmp_path / "no-vars.fd")
+    assert kvm_works(missing, device=str(tmp_path / "kvm")) == (
+        False,
+        f"{tmp_path / 'kvm'} is missing or not accessible",
+    )
+
+
+def test_waiting_for_ssh_stops_when_told_why(tmp_path: Path) -> None:
+    """A real connection attempt to a port nobody listens on: `abort` ends the wait at once."""
+    port = free_port()
+    asked: list[int] = []
+
+    def abort() -> str | None:
+        asked.append(1)
+        return "Kernel panic at console line 7" if len(asked) == 2 else None
+
+    started = time.monotonic()
+    with pytest.raises(
+        SSHError, match=f"gave up waiting for SSH on 127.0.0.1:{port}: Kernel panic at console"
+    ):
+        SSH("127.0.0.1", port, tmp_path / "id").connect(30, abort=abort)
+    assert len(asked) == 2 and time.monotonic() - started < 10
+
+
+class StuckMachine(Machine):
+    """A backend whose VM cannot be stopped, with a panic on its console."""
+
+    backend = "stuck"
+
+    def _launch(self) -> None:
+        self.spec.console_log.write_text(CLEAN + "[    9.0] Kernel panic - not syncing: test\n")
+
+    def is_running(self) -> bool:
+        return self.boots > 0
+
+    def _kill(self) -> None:
+        raise MachineError("kill refused")
+
+    def describe(self) -> str:
+        return "stuck"
+
+    def save_backend_artifacts(self, directory: Path) -> None:
+        (directory / "stuck.txt").write_text("stuck\n")
+
+
+def test_teardown_checks_the_console_when_destroy_fails(tmp_path: Path) -> None:
+    machine_spec = spec(tmp_path)
+    machine_spec.workdir.mkdir(parents=True)
+    machine_spec.vars_file.write_bytes(b"")
+    machine = StuckMachine(machine_spec)
+    machine.start()
+    errors = finish_machines([machine], lambda m: tmp_path / "artifacts", keep=False)
+    assert [type(e).__name__ for e in errors] == ["MachineError", "ConsoleError"]
+    assert "destroying bootc-unified-test (stuck) failed: kill refused" in str(errors[0])
+    assert "kernel panic at console line 4" in str(errors[1])
+    assert (tmp_path / "artifacts" / "console.log").read_text() == machine_spec.console_log.read_text()
