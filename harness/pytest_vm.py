@@ -231,13 +231,16 @@ VmFactory = Callable[..., Machine]
 def vm_factory(
     request: pytest.FixtureRequest, accel: Accel, ssh_keypair: KeyPair, tmp_path: Path
 ) -> Iterator[VmFactory]:
-    """vm_factory(disk, backend=None, boot=True): a machine on `disk`; destroyed at teardown (kept
-    running with --keep-vm-on-failure when the test failed). Artifacts are saved either way."""
+    """vm_factory(disk, backend=None, boot=True, extra_disks=()): a machine on `disk` (extra qcow2
+    disks appear as /dev/vdb, ...); destroyed at teardown (kept running with --keep-vm-on-failure
+    when the test failed). Artifacts are saved either way."""
     machines: list[Machine] = []
     request.node.stash[_MACHINES] = machines
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
 
-    def factory(disk: Disk, backend: str | None = None, boot: bool = True) -> Machine:
+    def factory(
+        disk: Disk, backend: str | None = None, boot: bool = True, extra_disks: tuple[Path, ...] = ()
+    ) -> Machine:
         chosen = backend or backend_for(request.config, disk.fs)
         _require_backend(chosen)
         name = f"bootc-unified-{worker}-{os.getpid()}-{len(machines)}"
@@ -250,6 +253,7 @@ def vm_factory(
             ssh_port=free_port(),
             ssh_key=ssh_keypair.private,
             memory_mib=GUEST_MEMORY_MIB,
+            extra_disks=extra_disks,
         )
         machine = create(chosen, spec)
         machines.append(machine)

@@ -1,7 +1,7 @@
 """Libvirt domain XML, built from a dataclass (no templates): q35, OVMF with a per-VM vars file,
-the VM's SMBIOS serial (<sysinfo>), one virtio disk, a serial console written to a file, and QEMU
-user networking with SSH forwarded to a loopback port (passed through <qemu:commandline>, since
-libvirt's own user networking maps ports only through passt)."""
+the VM's SMBIOS serial (<sysinfo>), one virtio boot disk (and any extra ones), a serial console
+written to a file, and QEMU user networking with SSH forwarded to a loopback port (passed through
+<qemu:commandline>, since libvirt's own user networking maps ports only through passt)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ class DomainConfig:
     console_log: Path
     ssh_port: int
     serial: str
+    extra_disks: tuple[Path, ...] = ()
     emulator: str = "/usr/bin/qemu-system-x86_64"
 
     @classmethod
@@ -41,6 +42,7 @@ class DomainConfig:
             console_log=spec.console_log,
             ssh_port=spec.ssh_port,
             serial=spec.serial,
+            extra_disks=spec.extra_disks,
         )
 
     def to_xml(self) -> str:
@@ -76,6 +78,11 @@ class DomainConfig:
         ET.SubElement(disk, "source", file=str(self.disk))
         ET.SubElement(disk, "target", dev="vda", bus="virtio")
         ET.SubElement(disk, "boot", order="1")
+        for n, extra in enumerate(self.extra_disks, start=1):
+            more = ET.SubElement(devices, "disk", type="file", device="disk")
+            ET.SubElement(more, "driver", name="qemu", type="qcow2", cache="unsafe", discard="unmap")
+            ET.SubElement(more, "source", file=str(extra))
+            ET.SubElement(more, "target", dev=f"vd{chr(ord('a') + n)}", bus="virtio")
         serial = ET.SubElement(devices, "serial", type="file")
         ET.SubElement(serial, "source", path=str(self.console_log), append="on")
         ET.SubElement(serial, "target", port="0")

@@ -31,6 +31,14 @@ def qemu_argv(spec: MachineSpec) -> list[str]:
         *("-drive", f"if=pflash,format=raw,unit=1,file={spec.vars_file}"),
         *("-drive", f"if=none,id=disk0,format=qcow2,cache=unsafe,discard=unmap,file={spec.disk}"),
         *("-device", "virtio-blk-pci,drive=disk0,bootindex=1"),
+        *(
+            arg
+            for n, extra in enumerate(spec.extra_disks, start=1)
+            for arg in (
+                *("-drive", f"if=none,id=disk{n},format=qcow2,cache=unsafe,discard=unmap,file={extra}"),
+                *("-device", f"virtio-blk-pci,drive=disk{n}"),
+            )
+        ),
         *("-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22"),
         *("-device", "virtio-net-pci,netdev=net0"),
         *("-device", "virtio-rng-pci"),

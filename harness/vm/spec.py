@@ -28,6 +28,9 @@ class MachineSpec:
     ssh_key: Path
     memory_mib: int = 2048
     cpus: int = 2
+    # More qcow2 disks, attached after the boot disk (the guest sees them as /dev/vdb, /dev/vdc, ...;
+    # e.g. the blank target of an installer VM).
+    extra_disks: tuple[Path, ...] = ()
     # The SMBIOS system serial the guest reports (/sys/class/dmi/id/product_serial): unique per VM
     # (default: the name and 8 random hex digits), so the harness can tell that SSH reached this
     # VM and not another one that got the same forwarded port.

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import time
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -166,13 +167,15 @@ def test_serials_are_unique_and_safe(tmp_path: Path) -> None:
 
 
 def test_domain_xml_is_valid_libvirt(tmp_path: Path) -> None:
-    machine = spec(tmp_path)
+    machine = replace(spec(tmp_path), extra_disks=(tmp_path / "target.qcow2",))
     xml = DomainConfig.from_spec(machine).to_xml()
     root = ET.fromstring(xml)
     smbios = root.find("os/smbios")
     assert smbios is not None and smbios.get("mode") == "sysinfo"
     entry = root.find("sysinfo[@type='smbios']/system/entry[@name='serial']")
     assert entry is not None and entry.text == machine.serial
+    targets = [(d.find("source").get("file"), d.find("target").get("dev")) for d in root.iter("disk")]  # type: ignore[union-attr]
+    assert targets == [(str(machine.disk), "vda"), (str(tmp_path / "target.qcow2"), "vdb")]
     for needle in (
         "<domain xmlns:qemu=",
         'type="qemu"',
@@ -193,8 +196,10 @@ def test_domain_xml_is_valid_libvirt(tmp_path: Path) -> None:
 
 
 def test_qemu_argv(tmp_path: Path) -> None:
-    machine = spec(tmp_path)
+    machine = replace(spec(tmp_path), extra_disks=(tmp_path / "target.qcow2",))
     argv = qemu_argv(machine)
+    drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive" and "id=disk" in argv[i + 1]]
+    assert [d.rsplit("file=", 1)[1] for d in drives] == [str(machine.disk), str(tmp_path / "target.qcow2")]
     assert argv[argv.index("-smbios") + 1] == f"type=1,serial={machine.serial}"
     assert "-no-reboot" in argv
     assert "tcg,tb-size=256" in argv
