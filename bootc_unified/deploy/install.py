@@ -132,6 +132,25 @@ def repo_ref_name(manifest_digest: str) -> str:
     return f"localhost/bootc-{manifest_digest}"
 
 
+HOST_STORAGE = Path("/var/lib/containers/storage")
+
+
+def host_storage_env(graphroot: Path) -> dict[str, str]:
+    """podman's environment for reading the host's store: a storage.conf naming only that store.
+
+    The image's own /etc/containers/storage.conf may list the bootc store as an additional image
+    store (/usr/lib/bootc/storage -> /sysroot/...), which does not exist inside an install
+    container, and podman refuses to run with a missing additional store.
+    """
+    conf = Path("/run/bootc-unified/host-storage.conf")
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    text = f'[storage]\ndriver = "overlay"\ngraphroot = "{graphroot}"\nrunroot = "/run/containers/storage"\n'
+    tmp = conf.with_name(f".{conf.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, conf)
+    return {**os.environ, "CONTAINERS_STORAGE_CONF": str(conf)}
+
+
 def fetch(store: ImageStore, source: ImageReference, tls_verify: bool, progress: Progress) -> str:
     """Put the source image into `store`; returns its image ID there."""
     if source.transport == "registry":
@@ -140,7 +159,9 @@ def fetch(store: ImageStore, source: ImageReference, tls_verify: bool, progress:
         progress.send(
             ProgressSteps("copying", "Copying from host storage", source.image, steps_total=1), True
         )
-        image = store.copy_from_host(source.image)
+        image = store.copy_from_host(
+            source.image, source_root=HOST_STORAGE, source_env=host_storage_env(HOST_STORAGE)
+        )
         progress.send(
             ProgressSteps("copying", "Copying from host storage", source.image, steps=1, steps_total=1), True
         )
