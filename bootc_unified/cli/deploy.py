@@ -3,7 +3,7 @@
     install to-filesystem ROOT --boot-esp ESP [--karg K]... [--source-imgref REF] [--target-imgref REF]
         [--target-transport T] [--experimental-unified-storage] [--allow-missing-verity]
         [--tls-verify true|false] [--progress-fd N]
-    install to-disk DEVICE [--filesystem ext4|xfs|btrfs] (same image flags)
+    install to-disk DEVICE [--filesystem ext4|xfs|btrfs] [--wipe] (same image flags)
     status [--format humanreadable|yaml|json] [--booted] [--sysroot DIR] [--esp DIR]
 
 Each handler turns argv into a frozen options dataclass (`*_opts(args)`, tested in
@@ -55,6 +55,9 @@ def register(sub: Any) -> None:
     disk = targets.add_parser("to-disk", help="partition DEVICE (GPT: ESP + root), then to-filesystem")
     disk.add_argument("device", type=Path, metavar="DEVICE")
     disk.add_argument("--filesystem", default="ext4", metavar="FS", help="ext4 (default), xfs or btrfs")
+    disk.add_argument(
+        "--wipe", action="store_true", help="erase partition tables and signatures already on DEVICE"
+    )
     _image_flags(disk)
     disk.set_defaults(func=_to_disk)
 
@@ -103,6 +106,7 @@ def to_disk_opts(args: argparse.Namespace) -> InstallToDiskOpts:
     return InstallToDiskOpts(
         device=args.device,
         filesystem=args.filesystem,
+        wipe=args.wipe,
         karg=tuple(args.karg),
         source_imgref=args.source_imgref,
         target_imgref=args.target_imgref,
@@ -164,7 +168,7 @@ def _status(args: argparse.Namespace) -> int:
 
     opts = status_opts(args)
     mountinfo = opts.mountinfo or sysroot.MOUNTINFO
-    esp = opts.esp or sysroot.default_esp(mountinfo)
+    esp = opts.esp or sysroot.default_esp(mountinfo, opts.sysroot)
     booted = sysroot.booted_id(mountinfo)
     cmdline_arg = parse_composefs(read_proc_cmdline()) if opts.mountinfo is None else None
     report = status.build(

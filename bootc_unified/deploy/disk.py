@@ -3,7 +3,8 @@
 Pre-flight (nothing is written to the device before all pass): the filesystem is one we make
 (ext4 with `-O verity`, XFS with `-m reflink=1`, btrfs) and its mkfs is installed; DEVICE is a block
 device; neither it nor any of its partitions is mounted, used as swap, or held by another device
-(/proc/self/mountinfo major:minor, /proc/swaps, /sys/dev/block/M:N/holders); it is large enough for
+(/proc/self/mountinfo major:minor, /proc/swaps, /sys/dev/block/M:N/holders); it holds no partitions
+or signatures (wipefs) unless `--wipe` says to erase them; it is large enough for
 the ESP, the image twice over (store + repository in the worst case) and some room.
 
 Layout (bootc `install/baseline.rs`, composefs sizes): GPT, `EFI-SYSTEM` 1 GiB vfat, `root` with the
@@ -53,6 +54,7 @@ MKFS_VFAT = ["mkfs.vfat", "-F", "32", "-n", "EFI-SYSTEM"]
 class InstallToDiskOpts:  # bootc cli.rs InstallToDiskOpts (the flags we take)
     device: Path
     filesystem: str = "ext4"
+    wipe: bool = False
     karg: tuple[str, ...] = ()
     source_imgref: str | None = None
     target_imgref: str | None = None
@@ -143,6 +145,19 @@ def in_use(devnum: tuple[int, int], mountinfo: Path = Path("/proc/self/mountinfo
     return None
 
 
+def signatures(device: Path, devnum: tuple[int, int]) -> list[str]:
+    """What is already on the device: partitions, and signatures wipefs finds (partition tables,
+    filesystems, RAID, LVM)."""
+    found = [f"partition {name}" for num, name in sorted(partitions(devnum).items()) if num != devnum]
+    proc = subprocess.run(
+        ["wipefs", "--noheadings", "--output", "TYPE", str(device)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise UserError(f"{device}: wipefs: {(proc.stderr.strip().splitlines() or ['failed'])[-1]}")
+    found += sorted({line.strip() for line in proc.stdout.splitlines() if line.strip()})
+    return found
+
+
 def device_size(devnum: tuple[int, int]) -> int:
     return int((sys_dir(devnum) / "size").read_text()) * 512
 
@@ -176,6 +191,9 @@ def preflight(opts: InstallToDiskOpts, containerenv: Path | None = None) -> int:
     busy = in_use(devnum)
     if busy:
         raise UserError(f"{opts.device}: in use ({busy})")
+    existing = signatures(opts.device, devnum)
+    if existing and not opts.wipe:
+        raise UserError(f"{opts.device}: holds data ({', '.join(existing)}); pass --wipe to erase it")
     fs_opts = opts.to_filesystem(Path("/"), Path("/"))
     source = source_ref(fs_opts, containerenv or CONTAINERENV)
     need = ESP_SIZE + ROOM + 2 * image_size(source, opts.tls_verify)
@@ -215,8 +233,11 @@ def partition_nodes(devnum: tuple[int, int], timeout: float = 10.0) -> tuple[Pat
         time.sleep(0.2)
 
 
-def partition(device: Path, filesystem: str) -> tuple[Path, Path]:
+def partition(device: Path, filesystem: str, wipe: bool = False) -> tuple[Path, Path]:
     devnum = block_device(device)
+    if wipe:  # partitions' signatures first (they outlive a new table), then the device's own
+        for num, name in sorted(partitions(devnum).items(), reverse=True):
+            _run(["wipefs", "--all", "--quiet", f"/dev/{name}" if num != devnum else str(device)], name)
     script = (
         "label: gpt\n"
         f'size={ESP_SIZE // MiB}MiB, type={ESP_TYPE}, name="EFI-SYSTEM"\n'
@@ -245,7 +266,7 @@ def _mounted(device: Path, mountpoint: Path, fstype: str | None = None) -> Itera
 
 def install_to_disk(opts: InstallToDiskOpts, progress: Progress | None = None) -> InstallResult:
     preflight(opts)
-    esp_dev, root_dev = partition(opts.device, opts.filesystem)
+    esp_dev, root_dev = partition(opts.device, opts.filesystem, opts.wipe)
     with (
         _scratch_dir("to-disk-") as scratch,
         _mounted(root_dev, scratch / "root") as root,

@@ -588,15 +588,25 @@ def test_to_disk_refusals(
     run(["mount", "-o", "remount,ro", loopfs.path])
     plain = tmp_path / "plain-file"
     plain.write_bytes(b"x" * 4096)
+    used_image = tmp_path / "used.img"
+    with open(used_image, "wb") as f:
+        f.truncate(64 << 20)
+    run(["mkfs.ext4", "-q", "-F", used_image])
+    used = run(["losetup", "--find", "--show", used_image]).stdout.strip()
     cases = [
         (loop_device, ["--filesystem", "zfs"], "--filesystem zfs: unknown filesystem"),
         (str(plain), [], f"{plain}: not a block device"),
         (loopfs.device, [], f"{loopfs.device}: in use ("),
         (loop_device, [], f"{loop_device}: 256 MiB is too small"),
+        (used, [], f"{used}: holds data (ext4); pass --wipe to erase it"),
+        (used, ["--wipe"], f"{used}: 64 MiB is too small"),  # --wipe passes the check; nothing written yet
     ]
-    for device, extra, needle in cases:
-        before = sha256_of(device)
-        proc = run_cli("install", "to-disk", device, *src, *extra, check=False)
-        err = proc.stderr.strip()
-        assert proc.returncode == 1 and "\n" not in err and needle in err, (device, needle, err)
-        assert sha256_of(device) == before
+    try:
+        for device, extra, needle in cases:
+            before = sha256_of(device)
+            proc = run_cli("install", "to-disk", device, *src, *extra, check=False)
+            err = proc.stderr.strip()
+            assert proc.returncode == 1 and "\n" not in err and needle in err, (device, needle, err)
+            assert sha256_of(device) == before
+    finally:
+        run(["losetup", "-d", used], check=False)
