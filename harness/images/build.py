@@ -2,7 +2,10 @@
 
     base      the mmdebstrap rootfs, imported as one layer          (key: base.toml + package versions)
     os        + our package layer: the working tree's bootc_unified,
-                /usr/bin/bootc-unified, root's authorized SSH key      (key: + source tree + public key)
+                /usr/bin/bootc-unified, root's authorized SSH key, and
+                what makes the image bootable (harness/images/bootable.py:
+                kernel + initramfs with our early-boot script in
+                /usr/lib/modules/<kver>/, units, storage.conf)       (key: + source tree + public key)
     <variant> + the variant's own layers (images/guest/<variant>.toml) (key: + the variant file)
 
 Every image is tagged `localhost/bootc-unified/<name>:<key>`; a tag that exists is reused, so a
@@ -21,6 +24,7 @@ from functools import partial
 from pathlib import Path
 
 from harness.cache import digest, file_lock, tree_digest
+from harness.images.bootable import make_bootable
 from harness.images.buildah import Buildah
 from harness.images.definitions import (
     DEFINITIONS,
@@ -33,6 +37,9 @@ from harness.images.definitions import (
     load_variant,
 )
 from harness.images.rootfs import build_rootfs
+
+# initramfs-tools scripts have no suffix; units are .service, .socket, ...
+BOOT_FILE_SUFFIXES = ("", ".service", ".socket", ".mount", ".target", ".timer", ".conf", ".sh")
 
 ENTRY_SCRIPT = """#!/usr/bin/python3
 import sys
@@ -110,7 +117,11 @@ class ImageBuilder:
         if name == "os":
             parent_tag, _ = self._build("base")
             source = self.source_root / base.package_source
-            key = digest("os-v1", parent_tag, tree_digest(source), self.public_key)
+            boot = [
+                tree_digest(self.source_root / p, BOOT_FILE_SUFFIXES)
+                for p in (base.bootable.initramfs, base.bootable.units)
+            ]
+            key = digest("os-v2", parent_tag, tree_digest(source), *boot, self.public_key)
             return self._ensure("os", key, parent_tag, lambda c: self._package_layer(c, base, source))
         variant = load_variant(name, self.definitions)
         if not variant.layers:
@@ -172,6 +183,7 @@ class ImageBuilder:
             ssh.mkdir(mode=0o700, parents=True, exist_ok=True)
             (ssh / "authorized_keys").write_text(self.public_key.strip() + "\n")
             (ssh / "authorized_keys").chmod(0o600)
+            make_bootable(self.buildah, container, root, base.bootable, self.source_root)
 
 
 def inside(root: Path, path: str) -> Path:

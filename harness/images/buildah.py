@@ -46,6 +46,10 @@ class Buildah:
     def from_(self, image: str) -> str:
         return self("from", "--pull-never", image) if image != "scratch" else self("from", "scratch")
 
+    def run(self, container: str, *argv: str) -> str:
+        """Run `argv` inside the container (chroot isolation: no OCI runtime, host network)."""
+        return self("run", "--isolation", "chroot", container, "--", *argv)
+
     def add_tarball(self, container: str, tarball: Path) -> None:
         self("add", container, tarball, "/")
 

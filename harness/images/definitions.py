@@ -21,6 +21,18 @@ class DefinitionError(ValueError):
 
 
 @dataclass(frozen=True)
+class BootableDef:
+    """What turns the os layer into a bootable, bootc-style image (base.toml's [bootable])."""
+
+    initramfs: str  # source tree dir with hooks/ and scripts/ for /usr/share/initramfs-tools
+    units: str  # source tree dir of systemd units for /usr/lib/systemd/system, enabled
+    additional_image_store: str  # added to /etc/containers/storage.conf
+    files: dict[str, str] = field(default_factory=dict)
+    symlinks: dict[str, str] = field(default_factory=dict)
+    directories: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class BaseDef:
     path: Path
     raw: bytes
@@ -35,6 +47,7 @@ class BaseDef:
     package_source: str
     package_target: str
     package_entry: str
+    bootable: BootableDef
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,7 @@ def load_base(directory: Path = DEFINITIONS) -> BaseDef:
     path = directory / "base.toml"
     raw, data = _load(path)
     package = data.get("package", {})
+    bootable = data.get("bootable", {})
     try:
         return BaseDef(
             path=path,
@@ -109,6 +123,14 @@ def load_base(directory: Path = DEFINITIONS) -> BaseDef:
             package_source=str(package["source"]),
             package_target=str(package["target"]),
             package_entry=str(package["entry"]),
+            bootable=BootableDef(
+                initramfs=str(bootable["initramfs"]),
+                units=str(bootable["units"]),
+                additional_image_store=str(bootable["additional_image_store"]),
+                files=_table(path, bootable, "files"),
+                symlinks=_table(path, bootable, "symlinks"),
+                directories=_strs(path, bootable, "directories"),
+            ),
         )
     except KeyError as e:
         raise DefinitionError(f"{path}: missing key {e}") from e
