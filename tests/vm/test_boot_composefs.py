@@ -1,6 +1,8 @@
-"""Boot a composefs deployment, once per filesystem: the v1 guest (plain boot) pulls its own image
+"""Boot a hand-made composefs deployment (ext4 only: tests/vm/test_install.py boots installed
+systems on all three filesystems; this one keeps the early-boot script's own proof, independent of
+`install`, and its refusal of a missing image): the v1 guest (plain boot) pulls its own image
 into the bootc store, imports it zero-copy into a composefs repository and gets a default BLS entry
-with `composefs=[?]<id>`, by hand (`deploy_by_hand`, until `install to-filesystem` exists); the
+with `composefs=[?]<id>`, by hand (`deploy_by_hand`: the existing `cfs` verbs, no `install`); the
 reboot goes through our initramfs script (bootc_unified/boot/initramfs/). Checked in the booted
 system: / is the read-only overlay `composefs:<id>` (verity=require on ext4/btrfs) with the EROFS
 mounted from its file, the kargs.d karg is on the command line, /usr is read-only, /etc and /var
@@ -25,7 +27,7 @@ from harness.ssh import KeyPair
 from harness.vm import Accel, Machine, MachineSpec, create, find_firmware, free_port
 from harness.vm.console import scan
 
-pytestmark = [pytest.mark.vm, pytest.mark.slow]
+pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.fs("ext4")]
 
 VERITY = {"btrfs": True, "ext4": True, "xfs": False}
 STORE = "/ostree/bootc/storage"
