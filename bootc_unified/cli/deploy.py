@@ -5,6 +5,8 @@
         [--tls-verify true|false] [--progress-fd N]
     install to-disk DEVICE [--filesystem ext4|xfs|btrfs] [--wipe] (same image flags)
     status [--format humanreadable|yaml|json] [--booted] [--sysroot DIR] [--esp DIR]
+    rollback [--apply] [--esp DIR]
+    internals finalize-staged [--sysroot DIR] [--esp DIR] [--etc DIR]   (hidden; the finalize unit's ExecStop)
 
 Each handler turns argv into a frozen options dataclass (`*_opts(args)`, tested in
 tests/unit/test_cli.py) and calls the deploy module with it.
@@ -69,6 +71,25 @@ def register(sub: Any) -> None:
     status.add_argument("--mountinfo", type=Path, default=None, help=argparse.SUPPRESS)
     status.add_argument("--staged-marker", type=Path, default=None, help=argparse.SUPPRESS)
     status.set_defaults(func=_status)
+
+    rollback = sub.add_parser("rollback", help="boot the previous deployment next (drops a staged one)")
+    rollback.add_argument("--apply", action="store_true", help="reboot afterwards (systemctl reboot)")
+    rollback.add_argument("--esp", type=Path, metavar="DIR", help="default: the mounted vfat ESP")
+    rollback.add_argument("--sysroot", type=Path, default=Path("/sysroot"), help=argparse.SUPPRESS)
+    rollback.add_argument("--mountinfo", type=Path, default=None, help=argparse.SUPPRESS)
+    rollback.add_argument("--staged-marker", type=Path, default=None, help=argparse.SUPPRESS)
+    rollback.set_defaults(func=_rollback)
+
+
+def register_internals(groups: Any) -> None:
+    """`internals finalize-staged`: hidden (no help line), run by bootc-unified-finalize-staged.service."""
+    fin = groups.add_parser("finalize-staged")
+    fin.add_argument("--sysroot", type=Path, default=Path("/sysroot"), metavar="DIR")
+    fin.add_argument("--esp", type=Path, metavar="DIR", help="default: the mounted vfat ESP")
+    fin.add_argument("--etc", type=Path, default=Path("/etc"), metavar="DIR", help="the live /etc")
+    fin.add_argument("--mountinfo", type=Path, default=None, help=argparse.SUPPRESS)
+    fin.add_argument("--staged-marker", type=Path, default=None, help=argparse.SUPPRESS)
+    fin.set_defaults(func=_finalize_staged)
 
 
 def _progress_fd(fd: int | None) -> int | None:
@@ -184,4 +205,61 @@ def _status(args: argparse.Namespace) -> int:
         for problem in report.problems:
             print(f"bootc-unified: warning: {problem}", file=sys.stderr)
     sys.stdout.write(status.render(report, opts.format))
+    return 0
+
+
+def _booted(mountinfo: Path | None, sysroot_path: Path, esp_arg: Path | None) -> tuple[str, Path]:
+    """(booted deployment id, ESP) of the running system."""
+    from bootc_unified.deploy import sysroot
+
+    info = mountinfo or sysroot.MOUNTINFO
+    booted = sysroot.booted_id(info)
+    if booted is None:
+        raise UserError("not booted from a composefs deployment (no composefs:<id> mount on /)")
+    return booted, esp_arg or sysroot.default_esp(info, sysroot_path)
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from bootc_unified.deploy.rollback import rollback
+    from bootc_unified.deploy.staged import MARKER
+    from bootc_unified.deploy.sysroot import Esp
+
+    booted, esp = _booted(args.mountinfo, args.sysroot, args.esp)
+    result = rollback(Esp(esp), booted, args.staged_marker or MARKER)
+    if result.dropped_staged:
+        print(f"Dropped staged deployment {result.dropped_staged}")
+    if result.reverted:
+        print("Reverting queued rollback state")
+    print(f"Next boot: deployment {result.default}")
+    if args.apply:
+        proc = subprocess.run(["systemctl", "reboot"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+            raise UserError(f"systemctl reboot: {last}")
+    return 0
+
+
+def _finalize_staged(args: argparse.Namespace) -> int:
+    from bootc_unified.deploy.finalize import finalize
+    from bootc_unified.deploy.staged import MARKER, StagedMarker
+    from bootc_unified.deploy.sysroot import Esp, Sysroot
+
+    marker = args.staged_marker or MARKER
+    staged = StagedMarker.read(marker)
+    if staged is None:
+        print("No staged deployment")
+        return 0
+    if staged.finalization_locked:
+        print(f"Staged deployment {staged.depl_id} is download-only; not finalizing")
+        return 0
+    booted, esp = _booted(args.mountinfo, args.sysroot, args.esp)
+    result = finalize(Sysroot(args.sysroot), Esp(esp), booted, args.etc, marker)
+    assert result is not None
+    m = result.merge
+    print(
+        f"Finalized deployment {result.depl_id}: /etc merge kept {len(m.added)} added, "
+        f"{len(m.modified)} modified, {len(m.removed)} removed"
+    )
     return 0

@@ -26,9 +26,11 @@ from pathlib import Path
 
 from bootc_unified.deploy.install import (
     CONTAINERENV,
+    HOST_STORAGE,
     InstallResult,
     InstallToFilesystemOpts,
     _scratch_dir,
+    host_storage_env,
     install_to_filesystem,
     source_ref,
 )
@@ -166,8 +168,9 @@ def image_size(source: ImageReference, tls_verify: bool) -> int:
     """The image's size as its source reports it (registry: compressed layers, times two for
     unpacking; containers-storage: podman's size)."""
     if source.transport == "containers-storage":
-        argv = ["podman", "image", "inspect", "--format", "{{.Size}}", source.image]
-        proc = subprocess.run(argv, capture_output=True, text=True)
+        argv = ["podman", "--root", str(HOST_STORAGE), "image", "inspect", "--format", "{{.Size}}"]
+        argv.append(source.image)
+        proc = subprocess.run(argv, capture_output=True, text=True, env=host_storage_env(HOST_STORAGE))
         if proc.returncode != 0:
             raise UserError(f"containers-storage:{source.image}: no such image in host storage")
         return int(proc.stdout.strip() or 0)

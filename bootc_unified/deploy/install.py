@@ -120,7 +120,9 @@ def source_ref(opts: InstallToFilesystemOpts, containerenv: Path = CONTAINERENV)
 
 def target_ref(opts: InstallToFilesystemOpts, source: ImageReference) -> ImageReference:
     if opts.target_imgref is None:
-        return source
+        # bootc: the source's name under --target-transport (default registry), e.g. an install
+        # from the container's own image (containers-storage) upgrades from the registry later.
+        return ImageReference(source.image, opts.target_transport)
     text = opts.target_imgref
     if "://" in text or text.startswith(("containers-storage:", "oci:")):
         return parse_imgref(text, "--target-imgref")

@@ -134,11 +134,58 @@ def find_esp(mountinfo: Path = MOUNTINFO) -> Path | None:
     return None
 
 
-def default_esp(mountinfo: Path = MOUNTINFO) -> Path:
+ESP_TYPE = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
+ESP_MOUNT = Path("/run/bootc-unified/esp")
+
+
+def esp_partition(physical_root: Path) -> str | None:
+    """The ESP (GPT type EFI System) on the disk that holds `physical_root`, as a /dev path."""
+    import json
+    import subprocess
+
+    source = subprocess.run(
+        ["findmnt", "-n", "-o", "SOURCE", "--target", str(physical_root)], capture_output=True, text=True
+    ).stdout.strip()
+    device = source.split("[")[0]
+    if not device.startswith("/dev/"):
+        return None
+    disk = subprocess.run(["lsblk", "-n", "-d", "-o", "PKNAME", device], capture_output=True, text=True)
+    if disk.returncode != 0 or not disk.stdout.strip():
+        return None
+    listing = subprocess.run(
+        ["lsblk", "-J", "-o", "PATH,PARTTYPE", f"/dev/{disk.stdout.strip()}"], capture_output=True, text=True
+    )
+    if listing.returncode != 0:
+        return None
+    for dev in json.loads(listing.stdout).get("blockdevices", []):
+        for part in [dev, *dev.get("children", [])]:
+            if (part.get("parttype") or "").lower() == ESP_TYPE:
+                return str(part["path"])
+    return None
+
+
+def default_esp(mountinfo: Path = MOUNTINFO, physical_root: Path = Path("/sysroot")) -> Path:
+    """The mounted ESP; when none is, the ESP of the physical root's disk mounted at
+    /run/bootc-unified/esp (as bootc mounts it on demand)."""
     esp = find_esp(mountinfo)
-    if esp is None:
+    if esp is not None:
+        return esp
+    if str(ESP_MOUNT) in {point for point, _, _ in mounts(mountinfo)}:
+        return ESP_MOUNT
+    device = esp_partition(physical_root)
+    if device is None:
         raise UserError("no EFI system partition mounted (vfat at /boot/efi, /efi or /boot); pass --esp DIR")
-    return esp
+    import subprocess
+
+    ESP_MOUNT.mkdir(parents=True, exist_ok=True)
+    options = "noexec,nosuid,nodev,fmask=0177,dmask=0077"
+    proc = subprocess.run(
+        ["mount", "-t", "vfat", "-o", options, device, str(ESP_MOUNT)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        raise UserError(f"{device}: cannot mount the ESP at {ESP_MOUNT}: {last}")
+    return ESP_MOUNT
 
 
 # Filesystems whose kernel support for fs-verity bootc counts on; elsewhere (XFS) verity is optional.

@@ -476,10 +476,11 @@ def test_install_from_containers_storage(
     finally:
         pm.close()
     origin = (t.root / "state/deploy" / depl_id / f"{depl_id}.origin").read_text()
-    assert f"container-image-reference = ostree-unverified-image:containers-storage:{host_image}\n" in origin
+    # bootc: without --target-imgref the target is the source's name from a registry
+    assert f"container-image-reference = ostree-unverified-image:docker://{host_image}\n" in origin
     doc = json.loads(status(t, depl_id, tmp_path, "--format", "json").stdout)
     booted = doc["status"]["booted"]
-    assert booted["image"]["image"] == {"image": host_image, "transport": "containers-storage"}
+    assert booted["image"]["image"] == {"image": host_image, "transport": "registry"}
     assert booted["unified"] is unified
     if digests is not None:
         # podman pushes a second manifest into the store (c/image rewrites it on the way); the
