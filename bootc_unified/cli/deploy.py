@@ -242,7 +242,7 @@ def _rollback(args: argparse.Namespace) -> int:
 
 
 def _finalize_staged(args: argparse.Namespace) -> int:
-    from bootc_unified.deploy.finalize import finalize
+    from bootc_unified.deploy.finalize import finalize, writable_sysroot
     from bootc_unified.deploy.staged import MARKER, StagedMarker
     from bootc_unified.deploy.sysroot import Esp, Sysroot
 
@@ -255,6 +255,7 @@ def _finalize_staged(args: argparse.Namespace) -> int:
         print(f"Staged deployment {staged.depl_id} is download-only; not finalizing")
         return 0
     booted, esp = _booted(args.mountinfo, args.sysroot, args.esp)
+    writable_sysroot(args.sysroot)
     result = finalize(Sysroot(args.sysroot), Esp(esp), booted, args.etc, marker)
     assert result is not None
     m = result.merge

@@ -1,7 +1,9 @@
 """`bootc-unified image ...`: the bootc-owned containers-storage, driven through podman.
 
     image pull REF [--policy missing|always] [--tls-verify true|false] [--progress-fd N]
-    image list [--format table|json]
+    image list [--format table|json]                  the store's images (ID, digest, names)
+    image list --type all|host|logical [--format table|json] [--esp DIR]
+                                bootc's listing (REPOSITORY TYPE), plus why GC keeps each image
     image exists REF            (exit 0 if present, 1 if not)
     image rm REF...
     image prune [ROOT...] | --all
@@ -18,10 +20,13 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bootc_unified import imgstore, progress
 from bootc_unified.errors import UserError
+
+if TYPE_CHECKING:
+    from bootc_unified.deploy.gc import GcReport, StoreVerdict
 
 
 def register(sub: Any) -> None:
@@ -41,8 +46,20 @@ def register(sub: Any) -> None:
     pull.add_argument("--progress-fd", type=int, metavar="N", help="write bootc progress JSON lines to fd N")
     pull.set_defaults(func=_pull)
 
-    ls = verb("list", "list the images in the store")
+    ls = verb("list", "list the images in the store (with --type: bootc's listing and GC reasons)")
     ls.add_argument("--format", choices=["table", "json"], default="table")
+    ls.add_argument(
+        "--type",
+        choices=["all", "host", "logical"],
+        default=None,
+        help="host: the live deployments' images; logical: their bound images; all: those and every "
+        "name in the store (unified)",
+    )
+    ls.add_argument("--esp", type=Path, metavar="DIR", help="default: the mounted vfat ESP")
+    ls.add_argument(
+        "--system-store", type=Path, default=Path("/var/lib/containers/storage"), help=argparse.SUPPRESS
+    )
+    ls.add_argument("--mountinfo", type=Path, default=None, help=argparse.SUPPRESS)
     ls.set_defaults(func=_list)
 
     ex = verb("exists", "exit 0 if REF is in the store, 1 if not")
@@ -97,6 +114,8 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    if args.type is not None:
+        return _list_typed(args)
     images = imgstore.ImageStore.open(args.sysroot, args.authfile).images()
     if args.format == "json":
         print(json.dumps([i.to_json() for i in images], indent=2))
@@ -142,4 +161,52 @@ def _dropin(args: argparse.Namespace) -> int:
         store.write_dropin(args.output)
     else:
         sys.stdout.write(store.dropin_text())
+    return 0
+
+
+def image_rows(report: GcReport, verdicts: list[StoreVerdict], kind: str) -> list[dict[str, object]]:
+    """bootc's `image list` rows (`image_type`, `image`) plus `kept_because`: why GC keeps it
+    (empty: the next `internals gc` removes it).
+
+    host = each live deployment's image (from its .origin; held by the repository, as ostree holds
+    bootc's host images); unified = every name in the bootc store; logical = the bound images of
+    the live deployments (bootc reads the running `/` only).
+    """
+    rows: list[dict[str, object]] = []
+    if kind in ("all", "host"):
+        seen: dict[str, list[str]] = {}
+        for dep in report.live:
+            if dep.origin is not None:
+                seen.setdefault(dep.origin.imgref.image, []).append(f"host image of the {dep.label}")
+        rows += [{"image_type": "host", "image": k, "kept_because": v} for k, v in seen.items()]
+    if kind == "all":
+        for v in verdicts:
+            rows += [{"image_type": "unified", "image": n, "kept_because": v.reasons} for n in v.names]
+    if kind in ("all", "logical"):
+        bound: dict[str, list[str]] = {}
+        for dep in report.live:
+            for b in dep.bound:
+                bound.setdefault(b.image, []).append(f"bound by {b.file} in the {dep.label}")
+        rows += [{"image_type": "logical", "image": k, "kept_because": v} for k, v in bound.items()]
+    return rows
+
+
+def _list_typed(args: argparse.Namespace) -> int:
+    from bootc_unified.deploy.gc import live_roots
+
+    from .internals import gc_opts
+
+    report, verdicts = live_roots(gc_opts(args))
+    rows = image_rows(report, verdicts, args.type)
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = [("REPOSITORY", "TYPE", "KEPT BECAUSE")]
+    for r in rows:
+        reasons = r["kept_because"]
+        assert isinstance(reasons, list)
+        table.append((str(r["image"]), str(r["image_type"]), "; ".join(reasons) or "- (not a GC root)"))
+    width = [max(len(t[c]) for t in table) for c in range(2)]
+    for t in table:
+        print(f"{t[0]:<{width[0]}} {t[1]:<{width[1]}} {t[2]}")
     return 0

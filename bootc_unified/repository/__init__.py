@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -182,13 +182,22 @@ class Repository:
         }
         return dict(sorted(found.items()))
 
-    def gc(self, dry_run: bool = False) -> GcResult:
-        """Remove what no ref reaches (exclusive lock); with `dry_run`, only say what would go."""
+    def gc(
+        self,
+        dry_run: bool = False,
+        extra_images: Iterable[str] = (),
+        ignore_ref: Callable[[str], bool] | None = None,
+    ) -> GcResult:
+        """Remove what no ref reaches (exclusive lock); with `dry_run`, only say what would go.
+
+        `extra_images` are EROFS image ids kept as well; refs for which `ignore_ref(path relative to
+        the repository)` is true are not roots (the deployment GC's non-live refs in a dry run).
+        """
         from bootc_unified.erofs.reader import referenced_objects
 
         with self.gc_lock():
             walker = Walker(self.read_object, referenced_objects)
-            return collect(self.path, self.objects.dir, walker, dry_run)
+            return collect(self.path, self.objects.dir, walker, dry_run, extra_images, ignore_ref)
 
     def fsck(self) -> FsckReport:
         report = FsckReport()

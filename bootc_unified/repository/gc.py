@@ -10,7 +10,7 @@ images/<id>, refs) and temporary links left by a crash.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,15 +66,33 @@ class Walker:
         self.reached.update(self.image_objects(self.read(object_id)))
 
 
-def collect(repo_path: Path, objects_dir: Path, walker: Walker, dry_run: bool) -> GcResult:
-    """The GC proper; the caller holds the exclusive lock."""
+def collect(
+    repo_path: Path,
+    objects_dir: Path,
+    walker: Walker,
+    dry_run: bool,
+    extra_images: Iterable[str] = (),
+    ignore_ref: Callable[[str], bool] | None = None,
+) -> GcResult:
+    """The GC proper; the caller holds the exclusive lock.
+
+    `extra_images`: EROFS image ids kept as roots besides the refs (bootc's `additional_roots`);
+    `ignore_ref(rel)`: refs (paths relative to the repository) not counted as roots.
+    """
     result = GcResult()
     for link in links_under(repo_path / "streams" / "refs"):
+        if ignore_ref is not None and ignore_ref(str(link.relative_to(repo_path))):
+            continue
         if (target := object_id_of(link, objects_dir)) is not None:
             walker.stream(target)
     for link in links_under(repo_path / "images" / "refs"):
+        if ignore_ref is not None and ignore_ref(str(link.relative_to(repo_path))):
+            continue
         if (target := object_id_of(link, objects_dir)) is not None:
             walker.image(target)
+    for image_id in extra_images:
+        if object_id_of(repo_path / "images" / image_id, objects_dir) == image_id:
+            walker.image(image_id)
 
     for prefix in sorted(os.listdir(objects_dir)):
         pdir = objects_dir / prefix

@@ -1,0 +1,136 @@
+"""Finalize a staged deployment: what `bootc-unified-finalize-staged.service` runs at shutdown
+(bootc `BC/finalize.rs`, `BC/rollback.rs` `rename_exchange_bls_entries`).
+
+  1. no staged marker, or a download-only one (`finalization_locked`): nothing to do;
+  2. /etc 3-way merge (etcmerge.py): pristine = the booted image's /etc (its EROFS image mounted),
+     current = the live /etc, new = state/deploy/<staged>/etc; then its `.updated` is deleted;
+  3. `loader/entries.staged` and `loader/entries` swapped with renameat2(RENAME_EXCHANGE), the
+     swapped-out set (the old entries) deleted, `loader/` fsynced;
+  4. the marker removed.
+
+A power cut before step 3 boots the old deployment (and the next shutdown merges again: applying
+the merge twice gives the same tree); after it, the new one. vfat has RENAME_EXCHANGE since Linux
+6.0 (the trixie guest runs 6.12).
+
+On a booted system /sysroot is a read-only bind of the physical root; `writable_sysroot()` makes it
+writable in a private mount namespace of this process only (as bootc does), so nothing else on
+the system sees a writable /sysroot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from bootc_unified.deploy import etcmerge
+from bootc_unified.deploy.staged import MARKER, StagedMarker
+from bootc_unified.deploy.sysroot import Esp, Sysroot
+from bootc_unified.errors import UserError
+
+AT_FDCWD = -100
+RENAME_EXCHANGE = 2
+SCRATCH = Path("/run/bootc-unified")
+
+
+def rename_exchange(a: Path, b: Path) -> None:
+    """Atomically swap two paths (both must exist) with renameat2(RENAME_EXCHANGE)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    rc = libc.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise UserError(f"exchanging {a} and {b}: {os.strerror(err)}")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def swap_staged_entries(esp: Esp) -> None:
+    """Make `loader/entries.staged` the live `loader/entries`; the old set is deleted."""
+    if not esp.entries_staged.is_dir():
+        raise UserError(f"{esp.entries_staged}: no staged boot entries")
+    esp.entries.mkdir(parents=True, exist_ok=True)
+    fsync_dir(esp.entries_staged)
+    rename_exchange(esp.entries_staged, esp.entries)
+    shutil.rmtree(esp.entries_staged)
+    fsync_dir(esp.entries.parent)
+
+
+CLONE_NEWNS = 0x00020000
+
+
+def writable_sysroot(path: Path) -> None:
+    """Make the read-only mount at `path` writable for this process (a private mount namespace:
+    `/` made a slave, `path` remounted bind,rw). Nothing to do when it is writable already."""
+    if not os.statvfs(path).f_flag & os.ST_RDONLY:
+        return
+    if not os.path.ismount(path):
+        raise UserError(f"{path}: read-only, and not a mount point that could be remounted read-write")
+    import subprocess
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.unshare(CLONE_NEWNS) != 0:
+        raise UserError(f"{path}: cannot enter a private mount namespace ({os.strerror(ctypes.get_errno())})")
+    for argv in (["mount", "--make-rslave", "/"], ["mount", "-o", "remount,bind,rw", str(path)]):
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+            raise UserError(f"{path}: cannot make it writable ({' '.join(argv)}: {last})")
+
+
+@contextlib.contextmanager
+def mounted_image(sysroot: Sysroot, depl_id: str) -> Iterator[Path]:
+    """The EROFS image of deployment `depl_id` mounted read-only under /run/bootc-unified."""
+    from bootc_unified.erofs.mount import mounted
+    from bootc_unified.repository import Repository
+
+    repo = Repository.open(sysroot.repo)
+    image = repo.image_path(depl_id)
+    if not image.exists():
+        raise UserError(f"{image}: deployment {depl_id[:16]}… has no EROFS image in the repository")
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="image-", dir=SCRATCH))
+    try:
+        with mounted(image, repo.objects.dir, scratch, "off" if repo.insecure else "require") as mnt:
+            yield mnt
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class FinalizeResult:
+    depl_id: str
+    merge: etcmerge.EtcDiff
+
+
+def finalize(
+    sysroot: Sysroot,
+    esp: Esp,
+    booted_id: str,
+    current_etc: Path = Path("/etc"),
+    marker: Path = MARKER,
+) -> FinalizeResult | None:
+    """Finalize the staged deployment; None when there is none or it is download-only."""
+    staged = StagedMarker.read(marker)
+    if staged is None or staged.finalization_locked:
+        return None
+    new_etc = sysroot.deployment(staged.depl_id) / "etc"
+    if not new_etc.is_dir():
+        raise UserError(f"{new_etc}: staged deployment {staged.depl_id[:16]}… has no /etc copy")
+    with mounted_image(sysroot, booted_id) as booted:
+        merge = etcmerge.apply(booted / "etc", current_etc, new_etc)
+    (new_etc / ".updated").unlink(missing_ok=True)
+    swap_staged_entries(esp)
+    marker.unlink(missing_ok=True)
+    return FinalizeResult(staged.depl_id, merge)
