@@ -186,9 +186,15 @@ class Store:
         return value
 
     def _select_manifest(self, record: ImageRecord) -> tuple[str, dict[str, Any]]:
-        """The image manifest (not an index) and its digest."""
+        """The image manifest (not an index) and its digest: the one the image record names
+        (its `digest`, what podman reports as Digest: the registry's, also after a copy between
+        stores that stores a rewritten manifest beside it), else the first image manifest."""
         candidates = ["manifest"] if "manifest" in record.big_data_names else []
         candidates += [k for k in record.big_data_names if k.startswith("manifest-")]
+        if record.digest:
+            named = [k for k in candidates if k == f"manifest-{record.digest}"]
+            named += [k for k in candidates if record.big_data_digests.get(k) == record.digest]
+            candidates = list(dict.fromkeys([*named, *candidates]))
         if not candidates:
             raise UserError(f"image {record.id[:12]}: no manifest stored")
         for key in candidates:
