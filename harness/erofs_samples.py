@@ -17,6 +17,8 @@ import stat
 import struct
 from pathlib import Path
 
+from harness.treewalk import read_xattrs
+
 MANY = 3000  # entries of the big directory
 DEPTH = 60  # nesting levels
 
@@ -172,10 +174,7 @@ def snapshot(root: Path) -> dict[str, dict[str, object]]:
                 "uid": st.st_uid,
                 "gid": st.st_gid,
                 "mtime_ns": st.st_mtime_ns,
-                "xattrs": {
-                    n: os.getxattr(p, n, follow_symlinks=False)
-                    for n in sorted(os.listxattr(p, follow_symlinks=False))
-                },
+                "xattrs": dict(sorted(read_xattrs(os.fsencode(p)).items())),
             }
             if not stat.S_ISDIR(st.st_mode):
                 info["size"] = st.st_size

@@ -6,6 +6,8 @@ Fixtures (the `registry` fixture and `fs_kind` parametrization come from harness
     guest_image    session: guest_image("v1") -> GuestImage (cached build); .push(variant, registry)
     disk           a qcow2 overlay over the cached v1 base disk on `fs_kind`; disk_factory(variant, fs)
     vm             a booted Machine (SSH answers) on `disk`; vm_factory(disk, backend=None)
+    installed_disk_factory(variant, fs, unified): an overlay over the cached *installed* system
+                   (harness.installed: `install to-disk` in an installer VM on a cache miss)
 
 Options: --vm-backend libvirt|qemu|mixed (mixed: XFS on plain QEMU, the others on libvirt, so one
 run proves both backends without extra boots), --accel auto|kvm|tcg, --keep-vm-on-failure
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import disks
+from harness import disks, installed
 from harness.disks import BaseDisk, build_base_disk, overlay
 from harness.images import GuestImage, ImageBuilder
 from harness.pytest_plugin import require
@@ -174,7 +176,7 @@ def guest_image(ssh_keypair: KeyPair) -> GuestImages:
 
 @dataclass(frozen=True)
 class Disk:
-    base: BaseDisk
+    base: BaseDisk | installed.InstalledBase
     path: Path  # this test's qcow2 overlay
 
     @property
@@ -314,3 +316,36 @@ def finish_machines(
 def vm(disk: Disk, vm_factory: VmFactory) -> Machine:
     """A booted v1 guest on `fs_kind`, SSH answering."""
     return vm_factory(disk)
+
+
+InstalledDiskFactory = Callable[[str, str, bool], Disk]
+
+
+@pytest.fixture
+def installed_disk_factory(
+    guest_image: GuestImages,
+    registry: Registry,
+    disk_factory: DiskFactory,
+    vm_factory: VmFactory,
+    tmp_path: Path,
+) -> InstalledDiskFactory:
+    """installed_disk_factory(variant, fs, unified): this test's overlay over the installed system
+    of `variant` on `fs`; installs it (installer VM on the v1 disk, target /dev/vdb) when the cache
+    has none for the variant's current image ID."""
+    counter = iter(range(1_000_000))
+
+    def factory(variant: str, fs: str, unified: bool) -> Disk:
+        image = guest_image(variant)
+        base = installed.cached(image.image_id, fs, unified)
+        if base is None:
+            target = installed.blank_disk(
+                tmp_path / "disks" / f"install-{variant}-{fs}-{next(counter)}.qcow2"
+            )
+            installer = vm_factory(disk_factory("v1", fs), extra_disks=(target,))
+            installed.run_install(installer, guest_image.push(variant, registry), fs, unified)
+            installer.poweroff()
+            base = installed.save(target, image.image_id, fs, unified)
+        dest = tmp_path / "disks" / f"installed-{variant}-{fs}-{next(counter)}.qcow2"
+        return Disk(base, installed.overlay(base, dest))
+
+    return factory

@@ -1,107 +1,32 @@
 """Compare filesystem trees path by path: a directory on disk (podman's view of an image, or our
 EROFS image mounted by the kernel) against another, or against an in-memory tree.
 
-Each path becomes a record of type, mode, owner, size, content sha256, symlink target, rdev and
-xattrs (minus overlayfs internals); hardlink groups are compared as sets of paths.
+Each path becomes a record (harness.treewalk, which also runs inside guests) of type, mode,
+owner, size, content sha256, symlink target, rdev, mtime (seconds and nanoseconds) and xattrs
+(minus overlayfs internals); hardlink groups are compared as sets of paths.
+
+Mtimes are compared to the nanosecond: both sides carry them honestly. A layer tar header has
+whole seconds, a PAX `mtime` record adds the fraction; podman (Go's archive/tar, then Chtimes /
+UtimesNano, directories after all their entries) keeps it, and so does our EROFS writer (an
+extended inode stores mtime and mtime_nsec; a compact inode is only used when its mtime equals
+the superblock's build time and nsec, which the kernel reports for it). Directories are compared
+too: overlayfs reports a merged directory's stat from the topmost layer that has it, and the
+flattener takes a directory's metadata from the last layer whose tar names it. Exceptions, left to
+the caller: the root directory (its metadata is podman's own choice: the tests copy podman's root
+record over ours), and a directory that a layer creates implicitly (a tar naming `a/b` without
+`a/`), which podman stamps with the extraction time; the test images have none.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 from bootc_unified.erofs import tree as t
+from harness.treewalk import KIND, Record, Snapshot, read_xattrs, snapshot_dir, visible
 
-HIDDEN_XATTR_PREFIXES = (b"trusted.overlay.",)
-
-
-@dataclass(frozen=True)
-class Record:
-    kind: str
-    mode: int  # permission bits incl. setuid/setgid/sticky
-    uid: int
-    gid: int
-    size: int | None
-    sha256: str | None
-    target: bytes | None
-    rdev: int | None
-    xattrs: tuple[tuple[bytes, bytes], ...]
-
-
-@dataclass
-class Snapshot:
-    records: dict[bytes, Record]
-    hardlinks: list[list[bytes]]
-
-
-def _visible(xattrs: dict[bytes, bytes]) -> tuple[tuple[bytes, bytes], ...]:
-    return tuple(sorted((k, v) for k, v in xattrs.items() if not k.startswith(HIDDEN_XATTR_PREFIXES)))
-
-
-_KIND = {
-    stat.S_IFREG: "file",
-    stat.S_IFDIR: "dir",
-    stat.S_IFLNK: "symlink",
-    stat.S_IFCHR: "char",
-    stat.S_IFBLK: "block",
-    stat.S_IFIFO: "fifo",
-    stat.S_IFSOCK: "socket",
-}
-
-
-def _sha256_file(path: bytes) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _paths(root: bytes) -> list[tuple[bytes, bytes]]:
-    """(path relative to root as b"/a/b", full path) for root and everything under it."""
-    out = [(b"/", root)]
-    stack = [(b"", root)]
-    while stack:
-        rel, full = stack.pop()
-        with os.scandir(full) as it:
-            for entry in it:
-                child = (rel + b"/" + entry.name, entry.path)
-                out.append(child)
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(child)
-    return out
-
-
-def snapshot_dir(root: Path) -> Snapshot:
-    """Records for every path under `root` (the root itself is b"/")."""
-    records: dict[bytes, Record] = {}
-    inodes: dict[tuple[int, int], list[bytes]] = {}
-    for rel, full in _paths(os.fsencode(root)):
-        st = os.lstat(full)
-        fmt = stat.S_IFMT(st.st_mode)
-        try:
-            names = os.listxattr(full, follow_symlinks=False)
-            xattrs = {os.fsencode(n): os.getxattr(full, n, follow_symlinks=False) for n in names}
-        except OSError:
-            xattrs = {}
-        records[rel] = Record(
-            kind=_KIND[fmt],
-            mode=stat.S_IMODE(st.st_mode),
-            uid=st.st_uid,
-            gid=st.st_gid,
-            size=st.st_size if fmt == stat.S_IFREG else None,
-            sha256=_sha256_file(full) if fmt == stat.S_IFREG else None,
-            target=os.readlink(full) if fmt == stat.S_IFLNK else None,
-            rdev=st.st_rdev if fmt in (stat.S_IFCHR, stat.S_IFBLK) else None,
-            xattrs=_visible(xattrs),
-        )
-        if fmt != stat.S_IFDIR and st.st_nlink > 1:
-            inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
-    return Snapshot(records, sorted(sorted(g) for g in inodes.values() if len(g) > 1))
+__all__ = ["Record", "Snapshot", "differences", "read_xattrs", "snapshot_dir", "snapshot_tree"]
 
 
 def snapshot_tree(root: t.Directory, read_object: Callable[[str], bytes]) -> Snapshot:
@@ -118,7 +43,7 @@ def snapshot_tree(root: t.Directory, read_object: Callable[[str], bytes]) -> Sna
         elif isinstance(node, t.Device):
             rdev = node.rdev
         records[path] = Record(
-            kind=_KIND[stat.S_IFMT(node.mode)],
+            kind=KIND[stat.S_IFMT(node.mode)],
             mode=stat.S_IMODE(node.mode),
             uid=node.uid,
             gid=node.gid,
@@ -126,7 +51,9 @@ def snapshot_tree(root: t.Directory, read_object: Callable[[str], bytes]) -> Sna
             sha256=sha,
             target=target,
             rdev=rdev,
-            xattrs=_visible(node.xattrs),
+            mtime=node.mtime,
+            mtime_nsec=node.mtime_nsec,
+            xattrs=visible(node.xattrs),
         )
     return Snapshot(records, t.hardlink_groups(root))
 

@@ -248,12 +248,18 @@ class ObjectStore:
 
     def _verity_source_digest(self, src: int) -> str | None:
         """Enable fs-verity on the source in place (immutable from then on) and return the kernel's
-        measurement, or None where that is impossible and the source must not be hardlinked."""
+        measurement, or None where that is impossible and the source must not be hardlinked.
+
+        ext4 stamps the file's mtime when it enables fs-verity; the source belongs to someone else
+        (podman's layer, whose mtimes are part of the image), so its times are put back."""
+        before = os.fstat(src)
         try:
-            verity.enable(src, self.alg)
+            enabled = verity.enable(src, self.alg)
             measured = verity.measure(src)
         except (verity.VerityUnsupported, OSError):
             return None  # no verity here, or a writer has the file open (ETXTBSY)
+        if enabled and os.fstat(src).st_mtime_ns != before.st_mtime_ns:
+            os.utime(src, ns=(before.st_atime_ns, before.st_mtime_ns))
         if measured is None or measured[0] is not self.alg:
             return None
         return measured[1].hex()

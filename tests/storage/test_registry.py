@@ -22,6 +22,7 @@ from harness.registry import Registry, missing_prerequisites
 from harness.run import run
 from harness.scratchpodman import ScratchPodman
 from harness.testimages import Expected, TestImages, fetch_manifest
+from harness.treewalk import read_xattrs
 
 
 def run_bytes(argv: list[str], data: bytes) -> bytes:
@@ -203,9 +204,9 @@ def _compare_tree(mount: Path, expected: dict[bytes, Expected]) -> None:
             assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == want.rdev, where
         if want.type != "symlink":
             got = {
-                n: os.getxattr(full, n)
-                for n in os.listxattr(full)
-                if n.startswith(("user.", "security.capability"))
+                os.fsdecode(n): v
+                for n, v in read_xattrs(full).items()
+                if n.startswith((b"user.", b"security.capability"))
             }
             assert got == want.xattrs, where
         if want.inode:

@@ -1,0 +1,185 @@
+"""Install to a disk the bootc way and boot it from composefs, once per filesystem.
+
+An installer VM (the v1 smoke disk) gets a blank second disk, pulls v1 from the host's registry
+with its own podman and runs, as bootc documents it,
+
+    podman run --privileged --pid=host -v /dev:/dev -v /var/lib/containers:/var/lib/containers \\
+        <v1> bootc-unified install to-disk --experimental-unified-storage --filesystem FS /dev/vdb
+
+(the source image is the container's own, read from /run/.containerenv). The installed disk then
+boots alone through OVMF + systemd-boot, and over SSH:
+- `/` is an overlay with source `composefs:<id>`; the id is the BLS entry's and `status`'s;
+  the kargs.d karg is on the kernel command line; `status --format json` has bootc's fields and
+  names the installed image and its manifest digest (the registry's, per skopeo on the host);
+- every object of the repository is zero-copy with the bootc store's diff/ files, by what the
+  kernel says (harness.zerocopy_audit: same inode with st_nlink >= 2 on ext4, FIEMAP-shared
+  extents on btrfs/XFS); the install reports 0 bytes copied; disk use is measured;
+- ext4/btrfs: the root overlay has verity=require and `fsverity measure` of every object equals
+  its name; XFS: `status` says verity is not enforced (composefs=?<id>);
+- `podman run --rm <booted image> cat /usr/lib/os-release` with the guest's own podman and no flags
+  prints v1's os-release, and `podman images` lists the image;
+- /usr is read-only; /etc and /var writes survive a reboot.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bootc_unified.deploy.disk import MKFS
+from harness import installed
+from harness.guestmodules import run_module, ship
+from harness.pytest_vm import Disk, DiskFactory, GuestImages, VmFactory
+from harness.registry import Registry
+from harness.vm import Machine
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
+
+VERITY = {"btrfs": True, "ext4": True, "xfs": False}
+STATUS_ENTRY_KEYS = {
+    "image",
+    "cachedUpdate",
+    "incompatible",
+    "pinned",
+    "softRebootCapable",
+    "downloadOnly",
+    "store",
+    "composefs",
+    "unified",
+}
+
+
+def registry_digest(host_ref: str) -> str:
+    proc = subprocess.run(
+        ["skopeo", "inspect", "--tls-verify=false", f"docker://{host_ref}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    digest: str = json.loads(proc.stdout)["Digest"]
+    return digest
+
+
+# Beyond the image's bytes (x 1.05) and the empty filesystem: the EROFS image, splitstreams and
+# tar-split data, the deployment's /etc copy and /var seed, podman's and the repository's metadata.
+FIXED_COST = 160 << 20
+
+
+def empty_fs_used(vm: Machine, fs: str) -> int:
+    """Bytes used on a new, empty filesystem of `fs` as large as the installed root partition, made
+    with install's own mkfs options."""
+    device = vm.run(["findmnt", "-n", "-o", "SOURCE", "/sysroot"]).stdout.strip().split("[")[0]
+    size = vm.run(["lsblk", "-b", "-n", "-d", "-o", "SIZE", device]).stdout.strip()
+    script = (
+        f"truncate -s {size} /var/tmp/empty.img && {shlex.join(MKFS[fs])} /var/tmp/empty.img >/dev/null && "
+        "mkdir -p /run/empty && mount -o loop /var/tmp/empty.img /run/empty && "
+        "stat -f -c '%S %b %f' /run/empty; umount /run/empty; rm -f /var/tmp/empty.img"
+    )
+    block, blocks, free = (int(f) for f in vm.run(script).stdout.split())
+    return block * (blocks - free)
+
+
+def used_bytes(vm: Machine, path: str) -> int:
+    fields = vm.run(["stat", "-f", "-c", "%S %b %f", path]).stdout.split()
+    size, blocks, free = (int(f) for f in fields)
+    return size * (blocks - free)
+
+
+def test_install_to_disk(
+    fs_kind: str,
+    disk_factory: DiskFactory,
+    vm_factory: VmFactory,
+    guest_image: GuestImages,
+    registry: Registry,
+    tmp_path: Path,
+) -> None:
+    target = installed.blank_disk(tmp_path / "installed.qcow2")
+    installer = vm_factory(disk_factory("v1", fs_kind), extra_disks=(target,))
+    ref = guest_image.push("v1", registry)
+    host_ref = ref.replace("10.0.2.2:", "127.0.0.1:", 1)
+    run = installed.run_install(installer, ref, fs_kind, unified=True)
+    print(f"{fs_kind}: install to-disk {run.seconds:.0f}s\n{run.output}")
+    assert "unified" in run.output and "not unified" not in run.output, run.output
+    assert "bytes copied: 0" in run.output, run.output
+    installer.poweroff()
+    # later scenarios start from this installed system (harness.installed's cache)
+    base = installed.save(target, guest_image("v1").image_id, fs_kind, unified=True)
+
+    vm = vm_factory(Disk(base, installed.overlay(base, tmp_path / "installed-boot.qcow2")))
+    print(f"{fs_kind}: installed system boot to SSH {vm.timings.boots_to_ssh[-1]:.0f}s")
+
+    # / is composefs, and the id is everyone's
+    source, options = vm.run(["findmnt", "-n", "-o", "SOURCE,OPTIONS", "/"]).stdout.split()
+    assert source.startswith("composefs:"), source
+    depl_id = source.removeprefix("composefs:")
+    cmdline = vm.run(["cat", "/proc/cmdline"]).stdout.split()
+    assert "bootc_unified.test=1" in cmdline, cmdline  # from the image's kargs.d
+    want = f"composefs={depl_id}" if VERITY[fs_kind] else f"composefs=?{depl_id}"
+    assert want in cmdline, cmdline
+    assert ("verity=require" in options.split(",")) == VERITY[fs_kind], options
+
+    status = json.loads(vm.run(["bootc-unified", "status", "--format", "json"]).stdout)
+    assert status["apiVersion"] == "org.containers.bootc/v1" and status["kind"] == "BootcHost"
+    booted = status["status"]["booted"]
+    assert set(booted) >= STATUS_ENTRY_KEYS, booted
+    assert status["status"]["staged"] is None and status["status"]["rollback"] is None
+    assert status["status"]["rollbackQueued"] is False
+    assert booted["composefs"]["verity"] == depl_id
+    assert booted["composefs"]["missingVerityAllowed"] is (not VERITY[fs_kind])
+    assert booted["composefs"]["bootType"] == "Bls" and booted["composefs"]["bootloader"] == "systemd"
+    assert booted["unified"] is True
+    assert booted["image"]["image"]["image"] == ref and booted["image"]["image"]["transport"] == "registry"
+    assert status["spec"]["image"]["image"] == ref
+    assert booted["image"]["imageDigest"] == registry_digest(host_ref)
+    esp = vm.run(["findmnt", "-n", "-t", "vfat", "-o", "TARGET"]).stdout.split()[0]  # status mounts it
+    entry_text = vm.run(f"cat {esp}/loader/entries/*.conf").stdout
+    assert f"composefs={'' if VERITY[fs_kind] else '?'}{depl_id}" in entry_text, entry_text
+
+    # zero-copy, by what the kernel says about every object
+    ship(vm)
+    audit = json.loads(
+        run_module(vm, "zerocopy_audit", "/sysroot/composefs", "/sysroot/ostree/bootc/storage")
+    )
+    counts = {k: len(v) for k, v in audit.items()}
+    print(f"{fs_kind}: zero-copy audit {counts}")
+    assert audit["unaccounted"] == {}, audit["unaccounted"]
+    shared = audit["hardlinked"] if fs_kind == "ext4" else audit["reflinked"]
+    assert len(shared) > 1000, counts
+    if VERITY[fs_kind]:
+        bad = vm.run(
+            "cd /sysroot/composefs/objects && for f in */*; do "
+            'm=$(fsverity measure "$f" | cut -d" " -f1); [ "${m#*:}" = "${f%%/*}${f#*/}" ] || echo "$f $m"; '
+            "done",
+            timeout=vm.timeout(900),
+        ).stdout
+        assert bad == "", bad[:2000]
+    image_bytes = int(vm.run(["podman", "image", "inspect", "--format", "{{.Size}}", ref]).stdout)
+    used = used_bytes(vm, "/sysroot")
+    empty = empty_fs_used(vm, fs_kind)
+    allowed = int(image_bytes * 1.05) + empty + FIXED_COST
+    print(
+        f"{fs_kind}: image {image_bytes / 1e6:.0f} MB, root filesystem used {used / 1e6:.0f} MB "
+        f"(empty {fs_kind}: {empty / 1e6:.0f} MB; allowed {allowed / 1e6:.0f} MB)"
+    )
+    assert used <= allowed, (used, image_bytes, empty)
+
+    # the guest's own podman, no flags
+    assert ref in vm.run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}}"]).stdout
+    os_release = vm.run(["podman", "run", "--rm", ref, "cat", "/usr/lib/os-release"]).stdout
+    assert os_release == vm.run(["cat", "/usr/lib/os-release"]).stdout, os_release
+    assert "VERSION_ID" in os_release
+
+    # read-only /usr, persistent /etc and /var
+    touched = vm.run(["touch", "/usr/bootc-unified-test"], check=False)
+    assert not touched.ok and "Read-only file system" in touched.stderr, touched
+    vm.run("echo etc-kept > /etc/bootc-unified-test && echo var-kept > /var/bootc-unified-test && sync")
+    vm.reboot()
+    assert vm.run(["cat", "/etc/bootc-unified-test", "/var/bootc-unified-test"]).stdout.split() == [
+        "etc-kept",
+        "var-kept",
+    ]
+    assert vm.run(["findmnt", "-n", "-o", "SOURCE", "/"]).stdout.strip() == source
