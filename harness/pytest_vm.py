@@ -255,6 +255,10 @@ def vm_factory(
             ssh_port=free_port(),
             ssh_key=ssh_keypair.private,
             memory_mib=GUEST_MEMORY_MIB,
+            # Under TCG one vCPU: with two, the trixie guest kernel now and then dies of what
+            # looks like cross-CPU code patching under MTTCG (an int3 Oops, a double fault in
+            # __kmalloc with impossible EFLAGS), and the host has only two cores for two VMs.
+            cpus=2 if accel.name == "kvm" else 1,
             extra_disks=extra_disks,
         )
         machine = create(chosen, spec)
