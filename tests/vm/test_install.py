@@ -106,10 +106,9 @@ def test_install_to_disk(
     assert "unified" in run.output and "not unified" not in run.output, run.output
     assert "bytes copied: 0" in run.output, run.output
     installer.poweroff()
-    # later scenarios start from this installed system (harness.installed's cache)
-    base = installed.save(target, guest_image("v1").image_id, fs_kind, unified=True)
-
-    vm = vm_factory(Disk(base, installed.overlay(base, tmp_path / "installed-boot.qcow2")))
+    # boot this install (a cached one may come from another run); cache it once it has passed
+    fresh = installed.InstalledBase(target, fs_kind, guest_image("v1").image_id, unified=True)
+    vm = vm_factory(Disk(fresh, installed.overlay(fresh, tmp_path / "installed-boot.qcow2")))
     print(f"{fs_kind}: installed system boot to SSH {vm.timings.boots_to_ssh[-1]:.0f}s")
 
     # / is composefs, and the id is everyone's
@@ -185,3 +184,5 @@ def test_install_to_disk(
         "var-kept",
     ]
     assert vm.run(["findmnt", "-n", "-o", "SOURCE", "/"]).stdout.strip() == source
+    vm.poweroff()
+    installed.save(target, fresh.image_id, fs_kind, unified=True)  # later scenarios start from it
