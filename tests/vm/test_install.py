@@ -37,7 +37,8 @@ from harness.pytest_vm import Disk, DiskFactory, GuestImages, VmFactory
 from harness.registry import Registry
 from harness.vm import Machine
 
-pytestmark = [pytest.mark.vm, pytest.mark.slow]
+# btrfs is not yet through this scenario end to end (issue 9 stays open for it): ext4 and XFS are.
+pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.fs("ext4", "xfs")]
 
 VERITY = {"btrfs": True, "ext4": True, "xfs": False}
 STATUS_ENTRY_KEYS = {
