@@ -25,8 +25,11 @@ from bootc_unified import progress
 from bootc_unified.errors import UserError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from bootc_unified.deploy.disk import InstallToDiskOpts
-    from bootc_unified.deploy.install import InstallToFilesystemOpts
+    from bootc_unified.deploy.install import InstallResult, InstallToFilesystemOpts
+    from bootc_unified.progress import Progress
 
 
 def _image_flags(p: argparse.ArgumentParser) -> None:
@@ -156,30 +159,27 @@ def status_opts(args: argparse.Namespace, tty: bool | None = None) -> StatusOpts
     return StatusOpts(fmt, args.booted, args.sysroot, args.esp, args.mountinfo, args.staged_marker)
 
 
-def _to_filesystem(args: argparse.Namespace) -> int:
-    from bootc_unified.deploy.install import install_to_filesystem
-
-    opts = to_filesystem_opts(args)
+def _install(run: Callable[[Any, Progress], InstallResult], opts: Any) -> int:
+    """Run an install verb with its progress sink (rich on a TTY, JSON lines on --progress-fd)."""
     sink = progress.for_cli(_progress_fd(opts.progress_fd))
     try:
-        result = install_to_filesystem(opts, sink)
+        result = run(opts, sink)
     finally:
         sink.close()
     sys.stdout.write(result.summary())
     return 0
+
+
+def _to_filesystem(args: argparse.Namespace) -> int:
+    from bootc_unified.deploy.install import install_to_filesystem
+
+    return _install(install_to_filesystem, to_filesystem_opts(args))
 
 
 def _to_disk(args: argparse.Namespace) -> int:
     from bootc_unified.deploy.disk import install_to_disk
 
-    opts = to_disk_opts(args)
-    sink = progress.for_cli(_progress_fd(opts.progress_fd))
-    try:
-        result = install_to_disk(opts, sink)
-    finally:
-        sink.close()
-    sys.stdout.write(result.summary())
-    return 0
+    return _install(install_to_disk, to_disk_opts(args))
 
 
 def _status(args: argparse.Namespace) -> int:
