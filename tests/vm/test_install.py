@@ -37,8 +37,7 @@ from harness.pytest_vm import Disk, DiskFactory, GuestImages, VmFactory
 from harness.registry import Registry
 from harness.vm import Machine
 
-# btrfs is not yet through this scenario end to end (issue 9 stays open for it): ext4 and XFS are.
-pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.fs("ext4", "xfs")]
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 VERITY = {"btrfs": True, "ext4": True, "xfs": False}
 STATUS_ENTRY_KEYS = {
@@ -100,9 +99,10 @@ def test_install_to_disk(
 ) -> None:
     target = installed.blank_disk(tmp_path / "installed.qcow2")
     installer = vm_factory(disk_factory("v1", fs_kind), extra_disks=(target,))
-    ref = guest_image.push("v1", registry)
-    host_ref = ref.replace("10.0.2.2:", "127.0.0.1:", 1)
-    run = installed.run_install(installer, ref, fs_kind, unified=True)
+    pushed = guest_image.push("v1", registry, installed.REFERENCES["v1"])
+    host_ref = pushed.replace("10.0.2.2:", "127.0.0.1:", 1)
+    ref = installed.variant_ref("v1")  # bootc-unified.test/os:latest, mapped to `registry`
+    run = installed.run_install(installer, ref, fs_kind, unified=True, registry_address=registry.address)
     print(f"{fs_kind}: install to-disk {run.seconds:.0f}s\n{run.output}")
     assert "unified" in run.output and "not unified" not in run.output, run.output
     assert "bytes copied: 0" in run.output, run.output
