@@ -257,7 +257,8 @@ class ImageStore:
 
     def pull_plain(self, ref: str, tls_verify: bool, progress: Progress) -> str:
         """`podman pull`, reporting one step per blob podman announces; returns the image ID."""
-        argv = ["pull", f"--tls-verify={'true' if tls_verify else 'false'}", docker_ref(ref)]
+        # No --tls-verify=true: an explicit flag overrides a registries.conf `insecure = true`.
+        argv = ["pull", *([] if tls_verify else ["--tls-verify=false"]), docker_ref(ref)]
         proc = subprocess.Popen(
             self.argv(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env()
         )

@@ -64,7 +64,7 @@ def manifest_layers(store: ImageStore, ref: str, tls_verify: bool) -> list[Layer
             "skopeo",
             "inspect",
             "--raw",
-            f"--tls-verify={'true' if tls_verify else 'false'}",
+            *([] if tls_verify else ["--tls-verify=false"]),  # else registries.conf decides
             f"docker://{target}",
         ]
         proc = subprocess.run(argv, capture_output=True, text=True, env=store.env())

@@ -6,6 +6,10 @@
     install to-disk DEVICE [--filesystem ext4|xfs|btrfs] [--wipe] (same image flags)
     status [--format humanreadable|yaml|json] [--booted] [--sysroot DIR] [--esp DIR]
     rollback [--apply] [--esp DIR]
+    upgrade [--check] [--apply] [--soft-reboot auto|required] [--download-only] [--from-downloaded]
+        [--progress-fd N] [--quiet]
+    switch [--transport registry|containers-storage|oci] [--apply] [--soft-reboot auto|required]
+        [--progress-fd N] [--experimental-unified-storage] IMAGE
     internals finalize-staged [--sysroot DIR] [--esp DIR] [--etc DIR]   (hidden; the finalize unit's ExecStop)
 
 Each handler turns argv into a frozen options dataclass (`*_opts(args)`, tested in
@@ -29,6 +33,9 @@ if TYPE_CHECKING:
 
     from bootc_unified.deploy.disk import InstallToDiskOpts
     from bootc_unified.deploy.install import InstallResult, InstallToFilesystemOpts
+    from bootc_unified.deploy.switch import SwitchOpts
+    from bootc_unified.deploy.update import SystemOpts
+    from bootc_unified.deploy.upgrade import UpgradeOpts
     from bootc_unified.progress import Progress
 
 
@@ -82,6 +89,53 @@ def register(sub: Any) -> None:
     rollback.add_argument("--mountinfo", type=Path, default=None, help=argparse.SUPPRESS)
     rollback.add_argument("--staged-marker", type=Path, default=None, help=argparse.SUPPRESS)
     rollback.set_defaults(func=_rollback)
+
+    upgrade = sub.add_parser("upgrade", help="stage the newer image of the booted deployment's reference")
+    upgrade.add_argument("--check", action="store_true", help="only say whether an update is available")
+    upgrade.add_argument(
+        "--download-only", action="store_true", help="stage, but do not finalize at shutdown"
+    )
+    upgrade.add_argument(
+        "--from-downloaded", action="store_true", help="let a download-only staged deployment finalize"
+    )
+    _update_flags(upgrade)
+    upgrade.add_argument("--quiet", action="store_true", help="no progress output")
+    upgrade.set_defaults(func=_upgrade)
+
+    switch = sub.add_parser("switch", help="stage another image reference")
+    switch.add_argument("target", metavar="IMAGE")
+    switch.add_argument("--transport", choices=["registry", "containers-storage", "oci"], default="registry")
+    _update_flags(switch)
+    switch.add_argument(
+        "--experimental-unified-storage",
+        action="store_true",
+        help="pull into ostree/bootc/storage and import zero-copy from there",
+    )
+    switch.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+    switch.set_defaults(func=_switch)
+
+
+def _update_flags(p: argparse.ArgumentParser) -> None:
+    """Flags upgrade and switch share: bootc's, then the hidden ones that point them at a loop
+    sysroot in tests (as status/rollback/finalize-staged have)."""
+    p.add_argument("--apply", action="store_true", help="reboot into the staged deployment")
+    p.add_argument(
+        "--soft-reboot",
+        choices=["auto", "required"],
+        default=None,
+        help="soft-reboot when kernel, initramfs and kargs are unchanged (required: or fail)",
+    )
+    p.add_argument("--progress-fd", type=int, metavar="N", help="write bootc progress JSON lines to fd N")
+    hidden = argparse.SUPPRESS
+    p.add_argument("--sysroot", type=Path, default=Path("/sysroot"), help=hidden)
+    p.add_argument("--esp", type=Path, default=None, help=hidden)
+    p.add_argument("--mountinfo", type=Path, default=None, help=hidden)
+    p.add_argument("--staged-marker", type=Path, default=None, help=hidden)
+    p.add_argument("--etc", type=Path, default=Path("/etc"), help=hidden)
+    p.add_argument("--system-store", type=Path, default=None, help=hidden)
+    p.add_argument("--nextroot", type=Path, default=None, help=hidden)
+    p.add_argument("--no-systemd", action="store_true", help=hidden)
+    p.add_argument("--tls-verify", choices=["true", "false"], default="true", help=hidden)
 
 
 def register_internals(groups: Any) -> None:
@@ -239,6 +293,86 @@ def _rollback(args: argparse.Namespace) -> int:
             last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
             raise UserError(f"systemctl reboot: {last}")
     return 0
+
+
+def system_opts(args: argparse.Namespace) -> SystemOpts:
+    from bootc_unified.deploy.update import SystemOpts
+
+    defaults = SystemOpts()
+    return SystemOpts(
+        sysroot=args.sysroot,
+        esp=args.esp,
+        mountinfo=args.mountinfo or defaults.mountinfo,
+        staged_marker=args.staged_marker or defaults.staged_marker,
+        etc=args.etc,
+        system_store=args.system_store or defaults.system_store,
+        nextroot=args.nextroot or defaults.nextroot,
+        systemd=not args.no_systemd,
+        tls_verify=args.tls_verify == "true",
+    )
+
+
+def upgrade_opts(args: argparse.Namespace) -> UpgradeOpts:
+    from bootc_unified.deploy.upgrade import UpgradeOpts
+
+    exclusive = [f for f in ("check", "download_only", "from_downloaded") if getattr(args, f)]
+    if len(exclusive) > 1:
+        flags = " and ".join("--" + f.replace("_", "-") for f in exclusive)
+        raise UserError(f"upgrade: {flags} cannot be combined")
+    if args.check and (args.apply or args.soft_reboot):
+        raise UserError("upgrade: --check cannot be combined with --apply or --soft-reboot")
+    if args.download_only and (args.apply or args.soft_reboot):
+        raise UserError("upgrade: --download-only cannot be combined with --apply or --soft-reboot")
+    return UpgradeOpts(
+        check=args.check,
+        apply=args.apply,
+        soft_reboot=args.soft_reboot,
+        download_only=args.download_only,
+        from_downloaded=args.from_downloaded,
+        progress_fd=args.progress_fd,
+        quiet=args.quiet,
+        system=system_opts(args),
+    )
+
+
+def switch_opts(args: argparse.Namespace) -> SwitchOpts:
+    from bootc_unified.deploy.switch import SwitchOpts
+
+    return SwitchOpts(
+        target=args.target,
+        transport=args.transport,
+        apply=args.apply,
+        soft_reboot=args.soft_reboot,
+        experimental_unified_storage=args.experimental_unified_storage,
+        progress_fd=args.progress_fd,
+        quiet=args.quiet,
+        system=system_opts(args),
+    )
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _with_progress(run: Callable[[Any, Any, Progress], object], opts: Any) -> int:
+    sink = progress.NullProgress() if opts.quiet else progress.for_cli(_progress_fd(opts.progress_fd))
+    try:
+        run(opts, _say, sink)
+    finally:
+        sink.close()
+    return 0
+
+
+def _upgrade(args: argparse.Namespace) -> int:
+    from bootc_unified.deploy import upgrade
+
+    return _with_progress(upgrade.run, upgrade_opts(args))
+
+
+def _switch(args: argparse.Namespace) -> int:
+    from bootc_unified.deploy import switch
+
+    return _with_progress(switch.run, switch_opts(args))
 
 
 def _finalize_staged(args: argparse.Namespace) -> int:

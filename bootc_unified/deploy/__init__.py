@@ -13,7 +13,8 @@ operate on, laid out as bootc's composefs backend does (reference/deployments.md
 
 Modules: spec (status document), sysroot (paths, booted id), origin, bls, osrelease, kargs, staged,
 state (state dir, /var seed), status, install (to-filesystem), disk (to-disk pre-flight and
-partitioning).
+partitioning), stage, finalize, etcmerge, rollback, lbi, gc, upgrade and switch (their shared steps
+in update; remote: the registry's manifest without pulling; softreboot: /run/nextroot).
 
 Layer: imports repository, erofs, cstorage, imgstore, importer, progress and boot.cmdline; imported
 only by cli.

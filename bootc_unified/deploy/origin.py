@@ -13,6 +13,11 @@
 (bootc `BC/state.rs`, written with tini: `key = value`, a blank line between sections.) The prefix
 is always `ostree-unverified-image:`; the rest is `docker://<name>` for a registry image,
 `containers-storage:<name>` or `oci:<dir>` otherwise.
+
+One section of ours may follow bootc's (bootc ignores sections it does not know):
+
+    [bootc-unified]
+    pull-path = unified        (or direct: how upgrade/switch fetched the image)
 """
 
 from __future__ import annotations
@@ -62,11 +67,20 @@ class ImageSection:  # [image]
     manifest_digest: str
 
 
+PULL_PATHS = ("unified", "direct")
+
+
+@dataclass(frozen=True)
+class OursSection:  # [bootc-unified], not bootc's
+    pull_path: str | None = None  # "unified" or "direct" (upgrade/switch); None: not recorded
+
+
 @dataclass(frozen=True)
 class Origin:
     origin: OriginSection
     boot: BootSection
     image: ImageSection
+    ours: OursSection = OursSection()
 
     @classmethod
     def new(cls, ref: ImageReference, boot_digest: str | None, manifest_digest: str) -> Origin:
@@ -86,6 +100,8 @@ class Origin:
             ("boot", [("boot_type", self.boot.boot_type), ("digest", self.boot.digest)]),
             ("image", [("manifest_digest", self.image.manifest_digest)]),
         ]
+        if self.ours.pull_path is not None:
+            sections.append(("bootc-unified", [("pull-path", self.ours.pull_path)]))
         blocks = []
         for name, keys in sections:
             lines = [f"[{name}]"] + [f"{k} = {v}" for k, v in keys if v is not None]
@@ -118,7 +134,12 @@ class Origin:
             OriginSection(str(get("origin", "container-image-reference"))),
             BootSection(get("boot", "boot_type", False) or "bls", get("boot", "digest", False)),
             ImageSection(str(get("image", "manifest_digest"))),
+            OursSection(get("bootc-unified", "pull-path", False)),
         )
+        if origin.ours.pull_path not in (None, *PULL_PATHS):
+            raise UserError(
+                f"{where}: [bootc-unified] pull-path {origin.ours.pull_path!r} is not unified or direct"
+            )
         parse_imgref(origin.origin.container_image_reference, f"{where}: [origin] container-image-reference")
         return origin
 

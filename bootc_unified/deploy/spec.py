@@ -1,8 +1,10 @@
 """The `bootc status` document: Host{spec, status} as bootc's `crates/lib/src/spec.rs` defines it.
 
 Field for field bootc's (@534c76e, reference/deployments.md section 9), camelCase through jsonmodel,
-with one addition of ours: `BootEntry.unified` (is the entry's image in the bootc-owned
-containers-storage, `<root>/ostree/bootc/storage`). `timestamp` is an RFC 3339 string (bootc:
+with two additions of ours: `BootEntry.unified` (is the entry's image in the bootc-owned
+containers-storage, `<root>/ostree/bootc/storage`) and `BootEntry.pull_path` (`pullPath`: how
+upgrade/switch fetched it, "unified" or "direct", from the origin's [bootc-unified] section; left
+out when not recorded, e.g. for an installed deployment). `timestamp` is an RFC 3339 string (bootc:
 chrono DateTime<Utc>).
 """
 
@@ -53,7 +55,7 @@ class BootEntryComposefs:  # bootc spec.rs BootEntryComposefs
 
 
 @dataclass(frozen=True)
-class BootEntry:  # bootc spec.rs BootEntry (+ `unified`, ours)
+class BootEntry:  # bootc spec.rs BootEntry (+ `unified`, `pullPath`: ours)
     image: ImageStatus | None
     cached_update: ImageStatus | None = None
     incompatible: bool = False
@@ -64,6 +66,7 @@ class BootEntry:  # bootc spec.rs BootEntry (+ `unified`, ours)
     ostree: dict[str, Any] | None = None
     composefs: BootEntryComposefs | None = None
     unified: bool = False
+    pull_path: str | None = field(default=None, metadata=OMIT_EMPTY)
 
 
 @dataclass(frozen=True)

@@ -170,6 +170,7 @@ def build(
         image = None
         boot_digest = None
         unified = False
+        pull_path = None
         try:
             origin = Origin.read(sysroot.origin(dep.depl_id))
         except UserError as e:
@@ -180,6 +181,7 @@ def build(
             if problem:
                 problems.append(f"deployment {dep.depl_id[:16]}…: {problem}")
             unified = store.has(origin.image.manifest_digest)
+            pull_path = origin.ours.pull_path
         soft = False
         if booted_dep is not None and dep is not booted_dep:
             booted_origin = sysroot.origin(booted_dep.depl_id)
@@ -201,6 +203,7 @@ def build(
                 missing_verity_allowed=insecure,
             ),
             unified=unified,
+            pull_path=pull_path,
         )
 
     staged_dep = None
@@ -302,6 +305,8 @@ def _slot_lines(label: str, entry: BootEntry | None) -> list[str]:
             "  FsVerity: " + ("Not Enforced" if entry.composefs.missing_verity_allowed else "Enforced")
         )
     lines.append(f"  Unified storage: {'yes' if entry.unified else 'no'}")
+    if entry.pull_path:
+        lines.append(f"  Pull path: {entry.pull_path}")
     if entry.download_only:
         lines.append("  Download-only: yes")
     return lines

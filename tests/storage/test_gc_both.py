@@ -7,26 +7,23 @@ Oracles: podman's own `images` on the bootc store and on the system store (its o
 live EROFS image compared with podman's view of the image (harness/treecompare.py), and plain
 directory listings of state/ and the ESP.
 
-The install helpers and the `target` fixture come from tests/storage/test_install.py (loaded by
-path: the tests are not a package).
+The install helpers and the `target` fixture come from harness/bootimages.py.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from bootc_unified.deploy.lbi import bound_images_of_erofs, pull_bound_images
 from bootc_unified.imgstore import ImageStore
 from bootc_unified.repository import Repository
+from harness import bootimages as ti
 from harness.pytest_plugin import require, run_cli
 from harness.registry import Registry
 from harness.run import run
@@ -35,18 +32,6 @@ from harness.testimages import Buildah, push
 from harness.testimages import missing_prerequisites as images_missing
 from harness.treecompare import differences
 
-
-def _load_install_helpers() -> ModuleType:
-    path = Path(__file__).with_name("test_install.py")
-    spec = importlib.util.spec_from_file_location("_gc_install_helpers", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ti = _load_install_helpers()
 target = ti.target  # the fixture: a loop filesystem with root/ and esp/ directories
 Target = ti.Target
 
@@ -61,25 +46,7 @@ OTHER_KERNEL = {
 
 
 def _build(b: Buildah, name: str, files: dict[str, bytes], links: dict[str, str], version: str) -> None:
-    container = b("from", "--pull-never", "scratch")
-    root = Path(b("mount", container))
-    for rel, data in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-    for rel, dest in links.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(dest, root / rel)
-    b(
-        "config",
-        "--annotation",
-        f"{ti.VERSION_ANNOTATION}={version}",
-        "--arch",
-        "amd64",
-        "--os",
-        "linux",
-        container,
-    )
-    b("commit", "--quiet", "--rm", "--timestamp", "1700000000", container, f"localhost/{name}:latest")
+    ti.build(b, name, version, files, links)
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,10 @@
 """`install to-filesystem` onto loop btrfs/XFS/ext4, `status` on the result, `install to-disk` refusals.
 
-Bootable test images are built here with buildah (a kernel + initramfs as small files under
-/usr/lib/modules/<kver>/, os-release, kargs.d, /etc and /var content) and pushed to the local
-registry. Oracles: the bytes we generated (kernel, initramfs, their sha256), the registry's
-manifest digest (skopeo), podman's own view and `podman inspect` of the stores, blkid, FIEMAP and
-inode identity, the kernel mounting our EROFS image.
+Bootable test images are built here with buildah (helpers in harness/bootimages.py: a kernel +
+initramfs as small files under /usr/lib/modules/<kver>/, os-release, kargs.d, /etc and /var
+content) and pushed to the local registry. Oracles: the bytes we generated (kernel, initramfs,
+their sha256), the registry's manifest digest (skopeo), podman's own view and `podman inspect` of
+the stores, blkid, FIEMAP and inode identity, the kernel mounting our EROFS image.
 """
 
 from __future__ import annotations
@@ -16,16 +16,37 @@ import random
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from bootc_unified.cstorage import Store
-from bootc_unified.importer import image_ref_name, layer_content_id
-from bootc_unified.repository import Repository, splitstream
-from harness.checks import all_extents_shared, fiemap
+from bootc_unified.importer import image_ref_name
+from harness import bootimages
+from harness.bootimages import (
+    BOOT_DIGEST,
+    INITRAMFS,
+    KERNEL,
+    KERNEL_FILES,
+    VERSION_ANNOTATION,
+    BootImage,
+    Target,
+    assert_zero_copy,
+    base_files,
+    blob,
+    build,
+    deployment_id,
+    fs_uuid,
+    install,
+    listing,
+    mounted_image,
+    podman_on,
+    podman_tree,
+    status,
+    sub_snapshot,
+    the_entry,
+)
 from harness.loopfs import LoopFs
 from harness.pytest_plugin import require, run_cli
 from harness.registry import Registry
@@ -33,43 +54,10 @@ from harness.run import run
 from harness.scratchpodman import ScratchPodman
 from harness.testimages import Buildah, push
 from harness.testimages import missing_prerequisites as images_missing
-from harness.treecompare import Snapshot, differences, snapshot_dir
+from harness.treecompare import differences, snapshot_dir
 
 pytestmark = pytest.mark.storage
 
-KVER = "6.1.0-bootc-test"
-VERSION_ANNOTATION = "org.opencontainers.image.version"
-
-
-def blob(seed: str, size: int) -> bytes:
-    return random.Random(seed).randbytes(size)
-
-
-KERNEL = blob("vmlinuz", 300_000)
-INITRAMFS = blob("initramfs", 120_000)
-BOOT_DIGEST = hashlib.sha256(KERNEL + INITRAMFS).hexdigest()
-
-
-def os_release(version: str) -> bytes:
-    text = f'NAME="Bootc Test"\nID=bootc-test\nVERSION_ID={version}\nPRETTY_NAME="Bootc Test {version}"\n'
-    return text.encode()
-
-
-def base_files(version: str) -> dict[str, bytes]:
-    return {
-        "usr/lib/os-release": os_release(version),
-        "usr/lib/bootc/kargs.d/10-console.toml": b'kargs = ["console=ttyS0", "quiet"]\n',
-        "usr/lib/bootc/kargs.d/20-s390x.toml": b'match-architectures = ["s390x"]\nkargs = ["not-here"]\n',
-        "usr/bin/tool": blob("tool", 200_000),
-        "usr/share/big": blob("big" + version, 1 << 20),
-        "etc/hostname": b"bootc-test\n",
-        "etc/.updated": b"",
-        "etc/sub/dir/file": blob("etcfile", 5000),
-        "var/lib/app/data": blob("vardata", 100),
-    }
-
-
-KERNEL_FILES = {f"usr/lib/modules/{KVER}/vmlinuz": KERNEL, f"usr/lib/modules/{KVER}/initramfs.img": INITRAMFS}
 BOOT_IMAGES: dict[str, tuple[str, dict[str, bytes]]] = {
     "boot-a": ("1.0", {**base_files("1.0"), **KERNEL_FILES}),
     "boot-b": ("2.0", {**base_files("2.0"), **KERNEL_FILES, "usr/share/b-only": blob("b", 70_000)}),
@@ -81,45 +69,6 @@ BOOT_IMAGES: dict[str, tuple[str, dict[str, bytes]]] = {
 }
 
 
-@dataclass(frozen=True)
-class BootImage:
-    name: str
-    ref: str  # 127.0.0.1:PORT/bootc-unified-test/<name>-gzip:latest
-    digest: str  # the registry's manifest digest
-    version: str
-
-    @property
-    def docker(self) -> str:
-        return f"docker://{self.ref}"
-
-
-def _build(b: Buildah, name: str, version: str, files: dict[str, bytes]) -> None:
-    container = b("from", "--pull-never", "scratch")
-    root = Path(b("mount", container))
-    for rel, data in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    (root / "var/cache").mkdir(parents=True)
-    os.symlink("hostname", root / "etc/hostname-link")
-    secret = root / "etc/secret.conf"
-    secret.write_bytes(b"owned by 1000\n")
-    os.chown(secret, 1000, 1000)
-    os.chmod(secret, 0o600)
-    os.setxattr(secret, "user.bootc-test", b"etc-xattr")
-    b(
-        "config",
-        "--annotation",
-        f"{VERSION_ANNOTATION}={version}",
-        "--arch",
-        "amd64",
-        "--os",
-        "linux",
-        container,
-    )
-    b("commit", "--quiet", "--rm", "--timestamp", "1700000000", container, f"localhost/{name}:latest")
-
-
 @pytest.fixture(scope="session")
 def boot_images(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> dict[str, BootImage]:
     require(images_missing(), "building bootable test images")
@@ -127,7 +76,7 @@ def boot_images(registry: Registry, tmp_path_factory: pytest.TempPathFactory) ->
     out = {}
     try:
         for name, (version, files) in BOOT_IMAGES.items():
-            _build(b, name, version, files)
+            build(b, name, version, files, etc_extras=True)
             ref, digest = push(b, name, registry.address, "gzip")
             out[name] = BootImage(name, ref, digest, version)
     finally:
@@ -135,144 +84,7 @@ def boot_images(registry: Registry, tmp_path_factory: pytest.TempPathFactory) ->
     return out
 
 
-# --- helpers -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Target:
-    fs: LoopFs
-    root: Path
-    esp: Path
-
-    @property
-    def repo(self) -> Repository:
-        return Repository.open(self.root / "composefs")
-
-    @property
-    def store(self) -> Path:
-        return self.root / "ostree/bootc/storage"
-
-
-@pytest.fixture
-def target(loopfs: LoopFs) -> Iterator[Target]:
-    root, esp = loopfs.path / "root", loopfs.path / "esp"  # the host cannot mount vfat: a plain dir
-    root.mkdir()
-    esp.mkdir()
-    yield Target(loopfs, root, esp)
-    subprocess.run(["umount", "-R", str(root / "ostree/bootc/storage/overlay")], capture_output=True)
-
-
-def install(t: Target, *args: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    return run_cli(
-        "install", "to-filesystem", t.root, "--boot-esp", t.esp, "--tls-verify", "false", *args, check=check
-    )
-
-
-def podman_on(store: Path, workdir: Path) -> ScratchPodman:
-    """podman's own view of a store (its own configuration, nothing of ours)."""
-    return ScratchPodman(workdir, graphroot=store)
-
-
-def podman_tree(pm: ScratchPodman, ref: str) -> Snapshot:
-    mnt = Path(pm("image", "mount", ref))
-    try:
-        return snapshot_dir(mnt)
-    finally:
-        pm("image", "unmount", ref)
-
-
-def the_entry(t: Target) -> tuple[Path, dict[str, str]]:
-    entries = sorted((t.esp / "loader/entries").glob("*.conf"))
-    assert len(entries) == 1, entries
-    lines = entries[0].read_text().splitlines()
-    return entries[0], {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in lines}
-
-
-def deployment_id(t: Target) -> str:
-    ids = os.listdir(t.root / "state/deploy")
-    assert len(ids) == 1, ids
-    return ids[0]
-
-
-def fs_uuid(device: str) -> str:
-    return run(["blkid", "-o", "value", "-s", "UUID", device]).stdout.strip()
-
-
-def mounted_image(t: Target, depl_id: str, mnt: Path) -> Snapshot:
-    mnt.mkdir(exist_ok=True)
-    run_cli("internals", "cfs", "--repo", t.root / "composefs", "mount", depl_id, mnt)
-    try:
-        return snapshot_dir(mnt)
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
-
-
-def sub_snapshot(snap: Snapshot, prefix: bytes, drop: tuple[bytes, ...] = ()) -> Snapshot:
-    """The part of a snapshot under `prefix`, re-rooted (hardlink groups ignored)."""
-    records = {}
-    for path, rec in snap.records.items():
-        if path == prefix or path.startswith(prefix + b"/"):
-            rel = path[len(prefix) :] or b"/"
-            if rel not in drop:
-                records[rel] = rec
-    return Snapshot(records, [])
-
-
-def status(t: Target, depl_id: str, tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    mountinfo = tmp / "mountinfo"
-    mountinfo.write_text(
-        "22 1 0:21 / /proc rw,nosuid - proc proc rw\n"
-        f"36 1 0:40 / / ro,relatime shared:1 - overlay composefs:{depl_id} ro,lowerdir+=/x\n"
-        "40 36 7:0 / /sysroot ro,relatime shared:2 - ext4 /dev/vda2 ro\n"
-    )
-    return run_cli(
-        "status",
-        "--sysroot",
-        t.root,
-        "--esp",
-        t.esp,
-        "--mountinfo",
-        mountinfo,
-        "--staged-marker",
-        tmp / "no-marker",
-        *args,
-    )
-
-
-def diff_inodes(store: Path, ref: str) -> dict[tuple[int, int], Path]:
-    image = Store.open(store).image(ref)
-    return {
-        (st.st_dev, st.st_ino): p
-        for layer in image.layers
-        for p in layer.diff_path.rglob("*")
-        if p.is_file() and not p.is_symlink() and (st := p.stat())
-    }
-
-
-def assert_zero_copy(t: Target, store: Path, ref: str) -> int:
-    """Every object of the image's layer streams shares its data with the store's diff/ file."""
-    repo = t.repo
-    image = Store.open(store).image(ref)
-    inodes = diff_inodes(store, ref)
-    by_content = {
-        hashlib.sha256(p.read_bytes()).hexdigest(): p for p in inodes.values() if p.stat().st_size > 64
-    }
-    checked = 0
-    for layer in image.layers:
-        stream = repo.open_stream(layer_content_id(layer.diff_id), splitstream.OCI_LAYER)
-        for object_id in stream.object_refs:
-            obj = repo.objects.path_of(object_id)
-            st = obj.stat()
-            assert st.st_size > 64
-            if t.fs.kind == "ext4":
-                assert (st.st_dev, st.st_ino) in inodes, obj
-            else:
-                source = by_content[hashlib.sha256(obj.read_bytes()).hexdigest()]
-                if not all(e.inline for e in fiemap(obj)):
-                    assert all_extents_shared(obj) and all_extents_shared(source), obj
-            checked += 1
-    assert checked > 0
-    return checked
+target = bootimages.target  # the fixture: a loop filesystem with root/ and esp/ directories
 
 
 # --- to-filesystem ----------------------------------------------------------------------------------
@@ -521,10 +333,6 @@ def test_second_deployment_shares_the_kernel_dir(
 
 
 # --- bad input: one line, nothing written ----------------------------------------------------------
-
-
-def listing(path: Path) -> list[str]:
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
 
 @pytest.mark.fs("ext4")  # "no verity": the host kernel cannot enable it on ext4, where it is expected

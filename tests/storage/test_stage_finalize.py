@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from bootc_unified.deploy.stage import stage
 from bootc_unified.deploy.staged import StagedMarker
 from bootc_unified.deploy.sysroot import Esp, Sysroot
 from bootc_unified.errors import UserError
+from harness.bootimages import KVER, blob
 from harness.loopfs import LoopFs
 from harness.pytest_plugin import require, run_cli
 from harness.registry import Registry
@@ -38,13 +38,6 @@ from harness.testimages import Buildah, push
 from harness.testimages import missing_prerequisites as images_missing
 
 pytestmark = pytest.mark.storage
-
-KVER = "6.1.0-bootc-test"
-
-
-def blob(seed: str, size: int) -> bytes:
-    return random.Random(seed).randbytes(size)
-
 
 KERNEL, KERNEL_C, INITRAMFS = blob("vmlinuz", 300_000), blob("vmlinuz-c", 300_000), blob("initramfs", 120_000)
 
