@@ -9,6 +9,9 @@
     image prune [ROOT...] | --all
     image copy-from-host IMAGE
     image dropin [--output FILE]
+    image set-unified [--tls-verify true|false] [--progress-fd N] [--format humanreadable|json]
+                                the booted image into the store (registry by digest, else rebuilt
+                                from the repository), its files sharing data with the repository
 
 Every verb takes `--sysroot DIR` (default /sysroot); the store is <sysroot>/ostree/bootc/storage.
 """
@@ -27,6 +30,7 @@ from bootc_unified.errors import UserError
 
 if TYPE_CHECKING:
     from bootc_unified.deploy.gc import GcReport, StoreVerdict
+    from bootc_unified.deploy.setunified import SetUnifiedOpts
 
 
 def register(sub: Any) -> None:
@@ -82,6 +86,13 @@ def register(sub: Any) -> None:
     dropin = verb("dropin", "print (or write) a storage.conf making the store an additional image store")
     dropin.add_argument("--output", type=Path, metavar="FILE")
     dropin.set_defaults(func=_dropin)
+
+    su = verb("set-unified", "put the booted image into the store, sharing its files with the repository")
+    su.add_argument("--tls-verify", choices=["true", "false"], default="true")
+    su.add_argument("--progress-fd", type=int, metavar="N", help="write bootc progress JSON lines to fd N")
+    su.add_argument("--format", choices=["humanreadable", "json"], default="humanreadable")
+    su.add_argument("--mountinfo", type=Path, default=None, help=argparse.SUPPRESS)
+    su.set_defaults(func=_set_unified)
 
 
 def _progress_fd(fd: int | None) -> int | None:
@@ -161,6 +172,34 @@ def _dropin(args: argparse.Namespace) -> int:
         store.write_dropin(args.output)
     else:
         sys.stdout.write(store.dropin_text())
+    return 0
+
+
+def set_unified_opts(args: argparse.Namespace) -> SetUnifiedOpts:
+    from bootc_unified.deploy.setunified import SetUnifiedOpts
+
+    return SetUnifiedOpts(
+        sysroot=args.sysroot,
+        mountinfo=args.mountinfo,
+        tls_verify=args.tls_verify == "true",
+        authfile=args.authfile,
+        progress_fd=args.progress_fd,
+    )
+
+
+def _set_unified(args: argparse.Namespace) -> int:
+    from bootc_unified.deploy.setunified import set_unified
+
+    opts = set_unified_opts(args)
+    sink = progress.for_cli(_progress_fd(opts.progress_fd))
+    try:
+        result = set_unified(opts, sink)
+    finally:
+        sink.close()
+    if args.format == "json":
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        sys.stdout.write(result.summary())
     return 0
 
 
