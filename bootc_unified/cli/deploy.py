@@ -397,4 +397,22 @@ def _finalize_staged(args: argparse.Namespace) -> int:
         f"Finalized deployment {result.depl_id}: /etc merge kept {len(m.added)} added, "
         f"{len(m.modified)} modified, {len(m.removed)} removed"
     )
+    # The swapped-out entries named the old rollback: its state and kernel dirs go now; the
+    # stores wait for the next upgrade/switch GC (no podman at shutdown). A failure here is only
+    # reported: the new deployment is already the default.
+    from bootc_unified.deploy.gc import GcOpts, gc
+    from bootc_unified.deploy.sysroot import MOUNTINFO
+
+    opts = GcOpts(
+        args.sysroot, esp, mountinfo=args.mountinfo or MOUNTINFO, staged_marker=marker, boot_only=True
+    )
+    try:
+        report = gc(opts)
+    except UserError as e:
+        print(f"GC after finalize skipped: {e}", file=sys.stderr)
+        return 0
+    print(
+        f"GC: removed {len(report.removed_deployments)} deployments, "
+        f"{len(report.removed_kernel_dirs)} kernel dirs"
+    )
     return 0

@@ -17,6 +17,9 @@ Live = the deployments named (`composefs=<id>`) by an entry in `loader/entries` 
   those of other manifests removed (other refs untouched), then its GC runs with the live EROFS
   images as extra roots.
 
+After finalize (at shutdown) only the first two run (`boot_only`, bootc's "boot binaries" GC plus
+the state dirs): the stores are pruned by the next upgrade, switch or `internals gc`.
+
 Never the booted deployment: when the booted id is in no entry the GC refuses. `dry_run` removes
 nothing and reports what would go. A second run removes nothing. An image removed from the store
 by hand is reported as missing, not an error.
@@ -289,6 +292,7 @@ class GcOpts:
     mountinfo: Path = MOUNTINFO
     staged_marker: Path = MARKER
     system_store: Path | None = SYSTEM_STORE
+    boot_only: bool = False  # state dirs, staged marker and kernel dirs only (after finalize)
 
 
 def analyse(opts: GcOpts) -> tuple[Sysroot, Esp, Repository | None, GcReport]:
@@ -344,6 +348,9 @@ def gc(opts: GcOpts) -> GcReport:
             report.removed_kernel_dirs.append(kdir.name)
             if not opts.dry_run:
                 shutil.rmtree(kdir)
+
+    if opts.boot_only:
+        return report
 
     # 3. the bootc store
     if (sysroot.store / "overlay-images").is_dir():

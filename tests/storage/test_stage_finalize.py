@@ -281,7 +281,10 @@ def test_stage_finalize_then_rollback_two_entries(target: Target, stage_images: 
         assert os.statvfs(ro).f_flag & os.ST_RDONLY  # still read-only out here
     finally:
         run(["umount", str(ro)])
-    assert out == f"Finalized deployment {b}: /etc merge kept 1 added, 1 modified, 2 removed\n"
+    assert out == (
+        f"Finalized deployment {b}: /etc merge kept 1 added, 1 modified, 2 removed\n"
+        "GC: removed 0 deployments, 0 kernel dirs\n"  # a and b stay in the menu
+    )
     assert {n: (t.entries / n).read_bytes() for n in listing(t.entries)} == staged_bytes
     assert not t.staged_entries.exists() and not t.marker.exists()
     assert (state / "etc/local.conf").read_bytes() == b"mine\n"  # local change wins
@@ -383,3 +386,21 @@ def test_rollback_three_entries_drops_staged(target: Target, stage_images: dict[
     # Booted into a by hand from the menu: a rollback makes a the default.
     assert t.cli(a, "rollback").stdout == f"Reverting queued rollback state\nNext boot: deployment {a}\n"
     assert [x[2] for x in t.order()] == [a, c, b]
+
+
+def test_finalize_drops_what_left_the_menu(target: Target, stage_images: dict[str, Img]) -> None:
+    """Finalize swaps in [d, c]: a and b leave the menu, and the GC after finalize removes their
+    state dirs (a's kernel dir stays: d shares it); the stores are left for the next upgrade."""
+    t = target
+    a = t.install(stage_images["stage-a"])
+    b = t.install(stage_images["stage-b"])
+    c = t.install(stage_images["stage-c"])
+    d, origin_d = t.import_image(stage_images["stage-d"])
+    stage(t.sysroot, Esp(t.esp), c, d, origin_d, current_etc=t.etc(c), marker=t.marker)
+    objects_before = sorted(p.name for p in (t.root / "composefs/objects").rglob("*"))
+    out = t.cli(c, "internals", "finalize-staged").stdout.splitlines()
+    assert out[1] == "GC: removed 2 deployments, 0 kernel dirs"
+    assert sorted(listing(t.root / "state/deploy")) == sorted([c, d])
+    assert {x[2] for x in t.order()} == {c, d}
+    assert listing(t.esp / "EFI/Linux") == sorted([f"bootc_composefs-{a}", f"bootc_composefs-{c}"])
+    assert sorted(p.name for p in (t.root / "composefs/objects").rglob("*")) == objects_before
