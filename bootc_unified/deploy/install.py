@@ -11,8 +11,10 @@ In order (bootc `install.rs` composefs branch, reference/deployments.md section 
      import (objects reflinked/hardlinked from it keep their data; only the store's names go);
   4. import zero-copy (reflink, else hardlink; the temporary store may fall back to copies), build
      the EROFS image; its id is the deployment id; the ref `localhost/bootc-<manifest digest>`;
-  5. from the image (mounted): kernel + initramfs (`usr/lib/modules/<kver>/`), os-release,
-     kargs.d; then kernel dir, state dir (+ /var seed), systemd-boot, and last the BLS entry.
+  5. from the image (mounted): its logically bound images into the bootc store (from the host's
+     store when there, else pulled; a failure installs nothing); kernel + initramfs
+     (`usr/lib/modules/<kver>/`), os-release, kargs.d; then kernel dir, state dir (+ /var seed),
+     systemd-boot, and last the BLS entry.
 On any failure everything this run created is removed again (entry, state, kernel dir, /var seed,
 ref, and the repository and store when this run made them).
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -31,6 +34,7 @@ from bootc_unified import verity
 from bootc_unified.boot.cmdline import ComposefsArg, join_cmdline
 from bootc_unified.cstorage import Store
 from bootc_unified.deploy import bls, kargs, state
+from bootc_unified.deploy.lbi import bound_images_of_dir
 from bootc_unified.deploy.origin import Origin, parse_imgref
 from bootc_unified.deploy.osrelease import OsRelease
 from bootc_unified.deploy.spec import ImageReference
@@ -74,6 +78,7 @@ class InstallResult:
     kernel_shared: bool
     import_result: ImportResult
     store_image_id: str
+    bound_images: list[str] = field(default_factory=list)  # one line each: where it came from
     extra: dict[str, object] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -89,6 +94,7 @@ class InstallResult:
             f"  objects: {methods or 'none new'}; bytes copied: {stats.copied_bytes}\n"
             f"  entry: {self.entry.name}; kernel: {self.kernel_dir.name}"
             f"{' (shared)' if self.kernel_shared else ''}\n"
+            + "".join(f"  bound image {line}\n" for line in self.bound_images)
         )
 
 
@@ -391,6 +397,8 @@ def _install(
     finally:
         if fetch_store is not bootc_store:
             _remove_store(fetch_store)
+        else:  # the booted system sees the store at /sysroot/..., not at this mount point
+            bootc_store.drop_database()
     depl_id = imported.image_id
     assert depl_id is not None
     if sysroot.deployment(depl_id).exists():
@@ -405,6 +413,7 @@ def _install(
         mnt.mkdir()
         with mounted(repo.image_path(depl_id), repo.objects.dir, mnt, "off" if repo.insecure else "require"):
             res = boot_resources(mnt, label)
+            bound = install_bound_images(bootc_store, mnt, opts.tls_verify, progress)
             version = res.os_release.version(depl_id)
             entry_name = bls.file_name(res.os_release.os_id, version, bls.PRIMARY)
             if (esp.entries / entry_name).exists():
@@ -440,7 +449,42 @@ def _install(
         kernel_shared=kdir.shared,
         import_result=imported,
         store_image_id=image_id,
+        bound_images=bound,
     )
+
+
+def install_bound_images(
+    store: ImageStore, image_root: Path, tls_verify: bool, progress: Progress
+) -> list[str]:
+    """The image's logically bound images into the bootc store before anything boots from it
+    (bootc's composefs install skips them). Each comes from the host's containers-storage when it
+    is there (bootc's `--bound-images stored`: no network needed), else from its registry. Returns
+    one line per image saying where it came from."""
+    lines = []
+    for bound in bound_images_of_dir(image_root):
+        where = f"bound image {bound.image} ({bound.file})"
+        if store.exists(bound.name):
+            lines.append(f"{bound.name}: already in the bootc store")
+            continue
+        env = host_storage_env(HOST_STORAGE)
+        present = HOST_STORAGE.is_dir() and (
+            subprocess.run(
+                ["podman", "--root", str(HOST_STORAGE), "image", "exists", bound.name],
+                env=env,
+                capture_output=True,
+            ).returncode
+            == 0
+        )
+        try:
+            if present:
+                store.copy_from_host(bound.name, source_root=HOST_STORAGE, source_env=env)
+                lines.append(f"{bound.name}: copied from host storage")
+            else:
+                store.pull(bound.name, PullPolicy.MISSING, tls_verify, progress)
+                lines.append(f"{bound.name}: pulled")
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+    return lines
 
 
 def _unref(repo: Repository, name: str) -> None:

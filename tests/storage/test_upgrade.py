@@ -492,3 +492,27 @@ def test_soft_reboot_prepares_nextroot(
         assert (nextroot / "etc/hostname").read_bytes() == b"bootc-test\n"
     finally:
         subprocess.run(["umount", "-R", "-l", str(nextroot)], capture_output=True)
+
+
+def test_install_pulls_bound_images(
+    target: Target,
+    upd_images: dict[str, BootImage],
+    registry: Registry,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+) -> None:
+    """Install puts the image's bound images into the bootc store (bootc's composefs install does
+    not); one that cannot be pulled installs nothing."""
+    t, imgs = target, upd_images
+    ref = repo_for(registry, request)
+    retag(imgs["v2bad"], ref)
+    proc = install(t, "--allow-missing-verity", "--source-imgref", f"docker://{ref}", check=False)
+    one_line_error(proc, f"bound image {registry.address}/upd/no-such-app:latest", f"/{BOUND}/app.image")
+    assert listing(t.root) == [] and listing(t.esp) == []
+
+    retag(imgs["v2app"], ref)
+    out = install(t, "--allow-missing-verity", "--source-imgref", f"docker://{ref}").stdout
+    assert f"bound image {imgs['app'].ref}: pulled" in out
+    pm = podman_on(t.store, tmp_path / "podman")
+    found = json.loads(pm("image", "inspect", imgs["app"].ref))
+    assert found[0]["Digest"] == imgs["app"].digest  # podman's own view of the store
