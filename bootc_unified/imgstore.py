@@ -117,10 +117,7 @@ class ImageStore:
         try:
             init = cls(tmp, authfile)
             init.podman(["images", "--quiet"])
-            # libpod's database (podman 4: libpod/bolt_state.db, podman 5: db.sql) pins the path it
-            # was created at; containers-storage itself does not.
-            for database in ("libpod/bolt_state.db", "db.sql"):
-                (tmp / database).unlink(missing_ok=True)
+            init.drop_database()
             shutil.rmtree(init.state_dir, ignore_errors=True)
             try:
                 tmp.rename(root)
@@ -130,6 +127,15 @@ class ImageStore:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return cls(root, authfile)
+
+    def drop_database(self) -> None:
+        """Remove libpod's database (podman 4: libpod/bolt_state.db, podman 5: db.sql): it pins the
+        path the store was used at (graph root, static dir), and podman refuses the store at any
+        other path ("database configuration mismatch"). containers-storage itself does not, and
+        this store holds no containers: call it before the store is seen at another path (a new
+        store renamed into place; install's target root, mounted elsewhere at boot)."""
+        for database in ("libpod/bolt_state.db", "db.sql"):
+            (self.root / database).unlink(missing_ok=True)
 
     # --- the pinned podman environment ---------------------------------------------------------
 

@@ -24,7 +24,7 @@ from bootc_unified.cstorage.reassemble import LayerDigestMismatch, StreamHasher,
 from bootc_unified.cstorage.tarsplit import FileEntry
 from bootc_unified.erofs.tree import INLINE_MAX  # contents up to this size stay inline
 from bootc_unified.errors import UserError
-from bootc_unified.repository import Repository, escape_ref, splitstream
+from bootc_unified.repository import ObjectResult, Repository, escape_ref, splitstream
 from bootc_unified.repository.refs import object_id_of
 from bootc_unified.repository.stats import ImportStats
 
@@ -80,7 +80,7 @@ def import_layer(repo: Repository, layer: Layer, stats: ImportStats, zerocopy: b
         raise UserError(f"layer {label}: diff directory {layer.diff_path} is missing")
     base = os.fsencode(layer.diff_path)
     items: list[Segment | tuple[FileEntry, bytes, str]] = []
-    large: list[Path] = []
+    large: list[tuple[Path, str]] = []
     for entry in read_entries(layer.tar_split_path, label):
         if isinstance(entry, Segment):
             items.append(entry)
@@ -91,13 +91,13 @@ def import_layer(repo: Repository, layer: Layer, stats: ImportStats, zerocopy: b
         path = entry_content_path(base, entry, where)
         items.append((entry, path, where))
         if entry.size > INLINE_MAX:
-            large.append(Path(os.fsdecode(path)))
+            large.append((Path(os.fsdecode(path)), where))
 
     writer = splitstream.Writer(repo.alg, splitstream.OCI_LAYER)
     hasher = StreamHasher(None)
     pool = ThreadPoolExecutor(max_workers=IMPORT_WORKERS)
     try:
-        added = pool.map(lambda p: repo.ensure_object_from_file(p, zerocopy=zerocopy), large)
+        added = pool.map(lambda item: _add_object(repo, item[0], item[1], zerocopy), large)
         for item in items:
             if isinstance(item, Segment):
                 writer.write_inline(item.data)
@@ -123,6 +123,14 @@ def import_layer(repo: Repository, layer: Layer, stats: ImportStats, zerocopy: b
         )
     faults.point("import-layer-before-publish")
     return repo.write_stream(layer_content_id(layer.diff_id), writer.finish())
+
+
+def _add_object(repo: Repository, path: Path, where: str, zerocopy: bool) -> ObjectResult:
+    """ensure_object_from_file, its one-line error prefixed with the layer and tar-split entry."""
+    try:
+        return repo.ensure_object_from_file(path, zerocopy=zerocopy)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from e
 
 
 def _read_small(path: bytes, size: int, where: str) -> bytes:

@@ -5,8 +5,13 @@ bytes as object references). Layers apply bottom to top: a layer's whiteouts (`.
 or overlay-style 0/0 character devices) and opaque markers (`.wh..wh..opq`) act on the layers below
 it, then its entries are added (two entries for one path in a layer are refused, as containers/storage
 refuses them). Owners, modes, times, xattrs, device numbers and link targets come from the tar
-headers. Names that climb out of the tree, hardlinks to nothing, and paths through symlinks are
-rejected with one line naming the layer and the entry.
+headers. Names that climb out of the tree, hardlinks to nothing, and paths through symlinks of the
+same layer are rejected with one line naming the layer and the entry.
+
+A layer's entries (whiteouts and opaque markers included) under a path that a lower layer holds as
+a symlink or another non-directory get that path as a directory, as in overlayfs: containers/storage
+creates the missing parents in the layer's diff/ (mode 0755), and the upper directory hides the
+lower non-directory. So does a whiteout or opaque marker in a directory no layer has.
 """
 
 from __future__ import annotations
@@ -119,27 +124,31 @@ def tar_members(chunks: Iterable[bytes | str]) -> Iterator[Member]:
 class Flattener:
     def __init__(self) -> None:
         self.root = Directory(mode=DEFAULT_DIR_MODE)
+        self._layer_paths: set[bytes] = set()  # paths the layer being applied has created
 
     def _error(self, label: str, header: TarHeader, why: str) -> LayerError:
         shown = header.name.decode("utf-8", "backslashreplace")
         return LayerError(f"layer {label}: entry {shown!r}: {why}")
 
     def _parent(self, parts: list[bytes], create: bool) -> Directory | None:
+        """The directory holding `parts[-1]`. With `create`, missing parents and parents that a lower
+        layer holds as non-directories become directories of this layer (overlayfs shows the upper
+        directory); a non-directory of this same layer in the way is an error."""
         node = self.root
         for i, part in enumerate(parts[:-1]):
             child = node.entries.get(part)
-            if child is None:
-                if not create:
-                    return None
+            path = b"/".join(parts[: i + 1])
+            if create and not isinstance(child, Directory) and path not in self._layer_paths:
                 child = node.entries[part] = Directory(mode=DEFAULT_DIR_MODE)
+                self._layer_paths.add(path)
+            if child is None:
+                return None
             if isinstance(child, Symlink):
-                raise ValueError(f"parent {b'/'.join(parts[: i + 1]).decode(errors='replace')} is a symlink")
+                raise ValueError(f"parent {path.decode(errors='replace')} is a symlink")
             if not isinstance(child, Directory):
                 if not create:
                     return None
-                raise ValueError(
-                    f"parent {b'/'.join(parts[: i + 1]).decode(errors='replace')} is not a directory"
-                )
+                raise ValueError(f"parent {path.decode(errors='replace')} is not a directory")
             node = child
         return node
 
@@ -152,22 +161,21 @@ class Flattener:
     def apply(self, members: Iterable[Member], label: str) -> None:
         members = list(members)
         entries: list[tuple[Member, list[bytes]]] = []
+        self._layer_paths = set()
         for m in members:  # whiteouts and opaque markers act on the layers below
             try:
                 parts = name_parts(m.header.name)
+                base = parts[-1] if parts else b""
+                if base == OPAQUE_MARKER:
+                    self._opaque(parts[:-1])
+                elif base.startswith(WHITEOUT_PREFIX):
+                    self._remove([*parts[:-1], base[len(WHITEOUT_PREFIX) :]])
+                elif m.header.kind == "char" and m.header.devmajor == 0 and m.header.devminor == 0:
+                    self._remove(parts)
+                else:
+                    entries.append((m, parts))
             except ValueError as e:
                 raise self._error(label, m.header, str(e)) from None
-            base = parts[-1] if parts else b""
-            if base == OPAQUE_MARKER:
-                target = self._lookup(parts[:-1])
-                if isinstance(target, Directory):
-                    target.entries.clear()
-            elif base.startswith(WHITEOUT_PREFIX):
-                self._remove([*parts[:-1], base[len(WHITEOUT_PREFIX) :]])
-            elif m.header.kind == "char" and m.header.devmajor == 0 and m.header.devminor == 0:
-                self._remove(parts)
-            else:
-                entries.append((m, parts))
         seen: set[bytes] = set()
         for m, parts in entries:
             key = b"/".join(parts)
@@ -178,11 +186,29 @@ class Flattener:
                 self._add(m, parts)
             except (ValueError, HeaderError) as e:
                 raise self._error(label, m.header, str(e)) from None
+            self._layer_paths.add(key)
 
     def _remove(self, parts: list[bytes]) -> None:
-        parent = self._parent(parts, create=False) if parts else None
-        if parent is not None:
-            parent.entries.pop(parts[-1], None)
+        """A whiteout: its directory exists in this layer (containers/storage makes it), the name goes."""
+        if not parts:
+            raise ValueError("a whiteout of the root")
+        parent = self._parent(parts, create=True)
+        assert parent is not None
+        parent.entries.pop(parts[-1], None)
+
+    def _opaque(self, parts: list[bytes]) -> None:
+        """An opaque marker: its directory exists in this layer, nothing below shows through."""
+        if not parts:
+            self.root.entries.clear()
+            return
+        parent = self._parent(parts, create=True)
+        assert parent is not None
+        target = parent.entries.get(parts[-1])
+        if isinstance(target, Directory):
+            target.entries.clear()
+        elif b"/".join(parts) not in self._layer_paths:
+            parent.entries[parts[-1]] = Directory(mode=DEFAULT_DIR_MODE)
+        self._layer_paths.add(b"/".join(parts))
 
     def _add(self, m: Member, parts: list[bytes]) -> None:
         h = m.header

@@ -1,7 +1,9 @@
-"""Sharing file data without copying it: FICLONE reflinks, with a cached per-device-pair probe."""
+"""Sharing file data without copying it: FICLONE reflinks, with a cached per-device-pair probe; an
+open file reached again through another mount of its filesystem (for hardlinks across bind mounts)."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -71,3 +73,47 @@ def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
         if n == 0:
             raise OSError(errno.EIO, f"source shrank while copying (at {offset} of {size} bytes)")
         offset += n
+
+
+# --- the same inode through another mount ------------------------------------------------------
+
+AT_EMPTY_PATH = 0x1000
+MAX_HANDLE_SZ = 128
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [
+        ("handle_bytes", ctypes.c_uint),
+        ("handle_type", ctypes.c_int),
+        ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ),
+    ]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+def reopen_through(fd: int, mount_fd: int) -> int:
+    """A new read-only fd on the inode behind `fd`, reached through the mount that `mount_fd` is on.
+
+    linkat(2) refuses to link across two mounts even of one filesystem (EXDEV), which is what a
+    bind mount is: containers-storage bind-mounts its `overlay/` onto itself unless
+    `overlay.skip_mount_home` is set. The file handle (name_to_handle_at) names the inode on the
+    filesystem, and open_by_handle_at (CAP_DAC_READ_SEARCH) opens it under `mount_fd`'s mount. Both
+    fds must be on the same filesystem.
+    """
+    handle = _FileHandle()
+    handle.handle_bytes = MAX_HANDLE_SZ
+    mount_id = ctypes.c_int()
+    _check(
+        _libc.name_to_handle_at(fd, b"", ctypes.byref(handle), ctypes.byref(mount_id), AT_EMPTY_PATH),
+        "name_to_handle_at",
+    )
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+    return _check(_libc.open_by_handle_at(mount_fd, ctypes.byref(handle), flags), "open_by_handle_at")

@@ -94,12 +94,20 @@ def _paths(root: bytes) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def snapshot_dir(root: Path | str) -> Snapshot:
-    """Records for every path under `root` (the root itself is b"/")."""
+def snapshot_dir(root: Path | str, ghosts: list[bytes] | None = None) -> Snapshot:
+    """Records for every path under `root` (the root itself is b"/"). With `ghosts`, a name that a
+    directory lists but lstat cannot find (overlayfs lists a lower layer's whiteout in a directory it
+    does not merge) is appended there instead of failing the walk."""
     records: dict[bytes, Record] = {}
     inodes: dict[tuple[int, int], list[bytes]] = {}
     for rel, full in _paths(os.fsencode(root)):
-        st = os.lstat(full)
+        try:
+            st = os.lstat(full)
+        except FileNotFoundError:
+            if ghosts is None:
+                raise
+            ghosts.append(rel)
+            continue
         fmt = stat.S_IFMT(st.st_mode)
         records[rel] = Record(
             kind=KIND[fmt],

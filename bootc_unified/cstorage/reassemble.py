@@ -41,11 +41,19 @@ class Reassembly:
 
 
 def name_parts(name: bytes) -> list[bytes]:
-    """The path components of a tar entry name: empty and '.' parts dropped (a leading '/' too,
-    as podman does); a name with '..' is refused."""
-    parts = [p for p in name.split(b"/") if p not in (b"", b".")]
-    if b".." in parts:
-        raise ValueError(f"unsafe entry name {name!r}: it climbs out of the root with '..'")
+    """The path components of a tar entry name, cleaned lexically as containers/storage cleans it
+    (Go's filepath.Clean): empty and '.' parts dropped (a leading '/' too), 'dir/..' pairs removed;
+    a name whose '..' climbs out of the root is refused."""
+    parts: list[bytes] = []
+    for part in name.split(b"/"):
+        if part in (b"", b"."):
+            continue
+        if part == b"..":
+            if not parts:
+                raise ValueError(f"unsafe entry name {name!r}: it climbs out of the root with '..'")
+            parts.pop()
+            continue
+        parts.append(part)
     return parts
 
 

@@ -159,11 +159,32 @@ class ObjectStore:
         dest = f"{prefix}/{object_id[2:]}"
         faults.point("object-before-link")
         try:
-            link_fd(fd, dest)
+            try:
+                link_fd(fd, dest)
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise
+                self._link_through_own_mount(fd, dest)
         except FileExistsError:
             return False
         faults.point("object-after-link")
         return True
+
+    def _link_through_own_mount(self, fd: int, dest: str) -> None:
+        """Hardlink a source that was opened through another mount of the repository's filesystem
+        (a bind mount, such as containers-storage's `overlay/` onto itself): the same inode, reached
+        through the repository's own mount, can be linked. Another filesystem stays EXDEV."""
+        mount_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            alias = zerocopy.reopen_through(fd, mount_fd)
+        except OSError:
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV)) from None
+        finally:
+            os.close(mount_fd)
+        try:
+            link_fd(alias, dest)
+        finally:
+            os.close(alias)
 
     def ensure_object(self, data: bytes) -> ObjectResult:
         """Store bytes as an object (written, not shared)."""

@@ -400,7 +400,8 @@ def test_finalize_drops_what_left_the_menu(target: Target, stage_images: dict[st
     objects_before = sorted(p.name for p in (t.root / "composefs/objects").rglob("*"))
     out = t.cli(c, "internals", "finalize-staged").stdout.splitlines()
     assert out[1] == "GC: removed 2 deployments, 0 kernel dirs"
-    assert sorted(listing(t.root / "state/deploy")) == sorted([c, d])
+    assert sorted(listing(t.root / "state/deploy")) == sorted([c, d])  # a and b gone
+    assert a not in listing(t.root / "state/deploy") and b not in listing(t.root / "state/deploy")
     assert {x[2] for x in t.order()} == {c, d}
     assert listing(t.esp / "EFI/Linux") == sorted([f"bootc_composefs-{a}", f"bootc_composefs-{c}"])
     assert sorted(p.name for p in (t.root / "composefs/objects").rglob("*")) == objects_before
