@@ -195,7 +195,7 @@ def _event(ref: str, layers: list[Layer]) -> ProgressBytes:
 def pull(store: ImageStore, ref: str, tls_verify: bool, progress: Progress) -> str:
     """Pull `ref` into `store`, reporting progress; return a reference that names the pulled image."""
     name = ref.removeprefix("docker://")
-    if "://" in ref or shutil.which("skopeo") is None:
+    if "://" in name or shutil.which("skopeo") is None:  # another transport, or no skopeo
         return store.pull_plain(ref, tls_verify, progress)
     layers = manifest_layers(store, ref, tls_verify)
     env = store.env(insecure=() if tls_verify else (registry_host(name),))

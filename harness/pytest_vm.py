@@ -136,7 +136,9 @@ class GuestImages:
 
     builder: ImageBuilder
     _built: dict[str, GuestImage] = field(default_factory=dict)
-    _pushed: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    # (registry, reference) -> (image ID pushed there, pushed reference): a tag that now holds
+    # another image (v2 pushed as the tag v1 had) is pushed again when v1 is asked for
+    _pushed: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
 
     def __call__(self, variant: str) -> GuestImage:
         if variant not in self._built:
@@ -144,11 +146,16 @@ class GuestImages:
         return self._built[variant]
 
     def push(self, variant: str, registry: Registry, reference: str | None = None) -> str:
-        """Push `variant` to `registry`; returns the reference as the *guest* sees it (10.0.2.2:PORT/...)."""
-        key = (variant, registry.address, reference or "")
-        if key not in self._pushed:
-            self._pushed[key] = self.builder.push(self(variant), registry.address, reference)
-        return guest_reference(self._pushed[key])
+        """Push `variant` to `registry` (as `reference`, default bootc-unified/<variant>:latest)
+        unless that tag holds it already; returns the reference as the *guest* sees it
+        (10.0.2.2:PORT/...)."""
+        image = self(variant)
+        key = (registry.address, reference or image.repository() + ":latest")
+        pushed = self._pushed.get(key)
+        if pushed is None or pushed[0] != image.image_id:
+            pushed = (image.image_id, self.builder.push(image, registry.address, reference))
+            self._pushed[key] = pushed
+        return guest_reference(pushed[1])
 
 
 def guest_reference(host_reference: str) -> str:
@@ -334,8 +341,9 @@ def installed_disk_factory(
     tmp_path: Path,
 ) -> InstalledDiskFactory:
     """installed_disk_factory(variant, fs, unified): this test's overlay over the installed system
-    of `variant` on `fs`; installs it (installer VM on the v1 disk, target /dev/vdb) when the cache
-    has none for the variant's current image ID."""
+    of `variant` on `fs`, following `installed.variant_ref(variant)` (bootc-unified.test/...);
+    installs it (installer VM on the v1 disk, target /dev/vdb) when the cache has none for the
+    variant's current image ID."""
     counter = iter(range(1_000_000))
 
     def factory(variant: str, fs: str, unified: bool) -> Disk:
@@ -346,7 +354,8 @@ def installed_disk_factory(
                 tmp_path / "disks" / f"install-{variant}-{fs}-{next(counter)}.qcow2"
             )
             installer = vm_factory(disk_factory("v1", fs), extra_disks=(target,))
-            installed.run_install(installer, guest_image.push(variant, registry), fs, unified)
+            guest_image.push(variant, registry, installed.REFERENCES[variant])
+            installed.run_install(installer, installed.variant_ref(variant), fs, unified, registry.address)
             installer.poweroff()
             base = installed.save(target, image.image_id, fs, unified)
         dest = tmp_path / "disks" / f"installed-{variant}-{fs}-{next(counter)}.qcow2"
