@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -141,6 +142,8 @@ def repo_ref_name(manifest_digest: str) -> str:
 
 
 HOST_STORAGE = Path("/var/lib/containers/storage")
+BLOB_INFO_CACHE = Path("/var/lib/containers/cache")  # containers/image's, for root
+BLOB_INFO_CACHE_FILES = ("blob-info-cache-v1.sqlite", "blob-info-cache-v1.boltdb")
 
 
 def host_storage_env(graphroot: Path) -> dict[str, str]:
@@ -427,6 +430,8 @@ def _install(
             if not sysroot.shared_var.exists():
                 undo.path(sysroot.shared_var)
             state.seed_var(sysroot, mnt)
+            if source.transport == "containers-storage":
+                carry_blob_info_cache(sysroot.shared_var)
             _install_systemd_boot(esp, res.systemd_boot, undo)
             entry = bls.BlsEntry(
                 title=res.os_release.title(depl_id),
@@ -485,6 +490,42 @@ def install_bound_images(
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
     return lines
+
+
+def carry_blob_info_cache(var: Path, source: Path = BLOB_INFO_CACHE) -> list[Path]:
+    """The installer's blob-info cache into the installed system's /var, when it has none yet.
+
+    An image copied from the host's store into the bootc store keeps only its layers' uncompressed
+    digests; the registry's compressed (gzip/zstd) blob digests live in containers/image's
+    blob-info cache of the podman that pulled it (root: /var/lib/containers/cache). Without that
+    mapping the installed system's first upgrade cannot tell that the registry's blobs are layers
+    it already has and downloads every one again (podman then dedups them on disk). SQLite
+    (podman >= 4.6) is copied with SQLite's backup API (consistent even with a WAL), BoltDB as is.
+    """
+    dest = var / BLOB_INFO_CACHE.relative_to("/var")
+    copied = []
+    for name in BLOB_INFO_CACHE_FILES:
+        src, dst = source / name, dest / name
+        if not src.is_file() or dst.exists():
+            continue
+        dest.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{name}.{os.getpid()}")
+        try:
+            if name.endswith(".sqlite"):
+                with (
+                    contextlib.closing(sqlite3.connect(f"file:{src}?mode=ro", uri=True)) as a,
+                    contextlib.closing(sqlite3.connect(tmp)) as b,
+                ):
+                    a.backup(b)
+            else:
+                shutil.copyfile(src, tmp)
+            os.chmod(tmp, 0o600)
+            os.rename(tmp, dst)
+        except (OSError, sqlite3.Error) as e:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"{src}: cannot copy the blob-info cache into the target: {e}") from e
+        copied.append(dst)
+    return copied
 
 
 def _unref(repo: Repository, name: str) -> None:

@@ -301,6 +301,12 @@ def test_install_from_containers_storage(
     host_digest = json.loads(run(["podman", "image", "inspect", host_image]).stdout)[0]["Digest"]
     assert host_digest == boot_images["boot-a"].digest
     assert booted["image"]["imageDigest"] == host_digest
+    # The installer's blob-info cache (compressed blob digest -> layer) went along, so the first
+    # upgrade does not download the layers it has: the host's podman 4.3 keeps it in BoltDB.
+    carried = (t.root / "state/os/default/var/lib/containers/cache/blob-info-cache-v1.boltdb").read_bytes()
+    raw = run(["skopeo", "inspect", "--raw", "--tls-verify=false", boot_images["boot-a"].docker]).stdout
+    blobs = [layer["digest"] for layer in json.loads(raw)["layers"]]
+    assert blobs and all(d.encode() in carried for d in blobs)  # BoltDB keeps keys as raw bytes
 
 
 @pytest.mark.fs("xfs", "ext4")
