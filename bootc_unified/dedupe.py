@@ -237,6 +237,7 @@ def _dedupe_one(repo: Repository, pair: Pair, stats: DedupeStats) -> bool:
         if same:
             stats.already.add(pair.size)
             return False
+        faults.point("dedupe-range")
         try:
             deduped, why = dedupe_range(src, dst, pair.size)
         except OSError as e:

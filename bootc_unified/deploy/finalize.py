@@ -29,7 +29,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bootc_unified.deploy import etcmerge
+from bootc_unified import faults
+from bootc_unified.deploy import bls, etcmerge, sysrootlock
 from bootc_unified.deploy.staged import MARKER, StagedMarker
 from bootc_unified.deploy.sysroot import Esp, Sysroot
 from bootc_unified.errors import UserError
@@ -63,6 +64,7 @@ def swap_staged_entries(esp: Esp) -> None:
     esp.entries.mkdir(parents=True, exist_ok=True)
     fsync_dir(esp.entries_staged)
     rename_exchange(esp.entries_staged, esp.entries)
+    faults.point("entries-after-exchange")
     shutil.rmtree(esp.entries_staged)
     fsync_dir(esp.entries.parent)
 
@@ -121,16 +123,42 @@ def finalize(
     current_etc: Path = Path("/etc"),
     marker: Path = MARKER,
 ) -> FinalizeResult | None:
-    """Finalize the staged deployment; None when there is none or it is download-only."""
+    """Finalize the staged deployment; None when there is none or it is download-only. Under the
+    sysroot lock. A run killed after its swap left the new entries live, the old set in
+    `loader/entries.staged` and the marker: run again, it only removes those two (swapping again
+    would put the old set back)."""
+    with sysrootlock.locked(sysroot.root):
+        return _finalize(sysroot, esp, booted_id, current_etc, marker)
+
+
+def _names(directory: Path, depl_id: str) -> bool:
+    """Does an entry in `directory` boot deployment `depl_id`?"""
+    for ef in bls.read_entries(directory):
+        with contextlib.suppress(UserError):  # status reports entries that do not parse
+            if (arg := ef.entry.composefs) is not None and arg.digest == depl_id:
+                return True
+    return False
+
+
+def _finalize(
+    sysroot: Sysroot, esp: Esp, booted_id: str, current_etc: Path, marker: Path
+) -> FinalizeResult | None:
     staged = StagedMarker.read(marker)
     if staged is None or staged.finalization_locked:
         return None
+    if _names(esp.entries, staged.depl_id) and not _names(esp.entries_staged, staged.depl_id):
+        shutil.rmtree(esp.entries_staged, ignore_errors=True)  # the swapped-out set
+        fsync_dir(esp.entries.parent)
+        marker.unlink(missing_ok=True)
+        return FinalizeResult(staged.depl_id, etcmerge.EtcDiff())
     new_etc = sysroot.deployment(staged.depl_id) / "etc"
     if not new_etc.is_dir():
         raise UserError(f"{new_etc}: staged deployment {staged.depl_id[:16]}… has no /etc copy")
     with mounted_image(sysroot, booted_id) as booted:
         merge = etcmerge.apply(booted / "etc", current_etc, new_etc)
+    faults.point("finalize-after-merge")
     (new_etc / ".updated").unlink(missing_ok=True)
     swap_staged_entries(esp)
+    faults.point("finalize-before-marker")
     marker.unlink(missing_ok=True)
     return FinalizeResult(staged.depl_id, merge)

@@ -5,6 +5,8 @@ Live = the deployments named (`composefs=<id>`) by an entry in `loader/entries` 
 `loader/entries.staged`: booted, staged, rollback and any other entry in the boot menu. Then:
 
 - `state/deploy/<id>/` of every other deployment goes (and a staged marker naming one);
+- the temporaries a killed update left (`temporaries()`); the GC holds the sysroot lock
+  (sysrootlock.py), so no verb is writing them;
 - `EFI/Linux/bootc_composefs-<x>/` goes unless a live entry's `linux` path names that directory
   (by directory name, so a kernel dir shared under another deployment's id survives);
 - the bootc store keeps (**better** than bootc, whose composefs GC keeps only host image names):
@@ -17,7 +19,7 @@ Live = the deployments named (`composefs=<id>`) by an entry in `loader/entries` 
   those of other manifests removed (other refs untouched), then its GC runs with the live EROFS
   images as extra roots.
 
-After finalize (at shutdown) only the first two run (`boot_only`, bootc's "boot binaries" GC plus
+After finalize (at shutdown) only the first three run (`boot_only`, bootc's "boot binaries" GC plus
 the state dirs): the stores are pruned by the next upgrade, switch or `internals gc`.
 
 Never the booted deployment: when the booted id is in no entry the GC refuses. `dry_run` removes
@@ -32,9 +34,10 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bootc_unified import faults
 from bootc_unified.cstorage import Store
 from bootc_unified.cstorage.records import ImageRecord, LayerRecord
-from bootc_unified.deploy import bls
+from bootc_unified.deploy import bls, sysrootlock
 from bootc_unified.deploy.lbi import BoundImage, bound_images_of_erofs, normalize
 from bootc_unified.deploy.origin import Origin
 from bootc_unified.deploy.staged import MARKER, StagedMarker
@@ -95,6 +98,7 @@ class GcReport:
     removed_deployments: list[str] = field(default_factory=list)
     removed_kernel_dirs: list[str] = field(default_factory=list)
     removed_staged_marker: bool = False
+    removed_temporaries: list[str] = field(default_factory=list)  # what a killed verb left
     kept_images: list[StoreVerdict] = field(default_factory=list)
     removed_images: list[StoreVerdict] = field(default_factory=list)
     missing_images: list[str] = field(default_factory=list)  # live roots not in the store
@@ -110,6 +114,7 @@ class GcReport:
             self.removed_deployments
             or self.removed_kernel_dirs
             or self.removed_staged_marker
+            or self.removed_temporaries
             or self.removed_images
             or self.removed_refs
             or self.repo.get("removed_objects")
@@ -123,6 +128,7 @@ class GcReport:
             "removed_deployments": self.removed_deployments,
             "removed_kernel_dirs": self.removed_kernel_dirs,
             "removed_staged_marker": self.removed_staged_marker,
+            "removed_temporaries": self.removed_temporaries,
             "kept_images": [v.to_json() for v in self.kept_images],
             "removed_images": [v.to_json() for v in self.removed_images],
             "missing_images": self.missing_images,
@@ -138,6 +144,7 @@ class GcReport:
         for what, items in (
             ("deployment", self.removed_deployments),
             ("kernel dir", self.removed_kernel_dirs),
+            ("temporary", self.removed_temporaries),
             ("image", [f"{v.id[:12]} ({', '.join(v.names) or '<none>'})" for v in self.removed_images]),
             ("ref", self.removed_refs),
         ):
@@ -322,7 +329,34 @@ def analyse(opts: GcOpts) -> tuple[Sysroot, Esp, Repository | None, GcReport]:
     return sysroot, esp, repo, report
 
 
+UPDATE_STORE_PREFIX = ".update-storage-"  # update.py's temporary store (direct path)
+
+
+def temporaries(sysroot: Sysroot, esp: Esp) -> list[Path]:
+    """Temporary directories the deployment verbs write and rename into place: a state dir being
+    written (`state/deploy/.<id>.*`), staged or rollback entries being built (`loader/.entries.*`),
+    a kernel dir being copied (`EFI/Linux/.bootc_composefs-*`), the direct path's store
+    (`ostree/bootc/.update-storage-*`). Only a killed run leaves them. (set-unified's own
+    `.set-unified*` directories are recovered by its next run: not here.)"""
+    found: list[Path] = []
+    for directory, pattern in (
+        (sysroot.deploy_dir, ".*"),
+        (esp.entries.parent, ".entries.*"),
+        (esp.linux, ".*"),
+        (sysroot.store.parent, f"{UPDATE_STORE_PREFIX}*"),
+    ):
+        if directory.is_dir():
+            found += sorted(p for p in directory.glob(pattern) if p.is_dir() and not p.is_symlink())
+    return found
+
+
 def gc(opts: GcOpts) -> GcReport:
+    """The GC, under the sysroot lock (an update or set-unified in progress finishes first)."""
+    with sysrootlock.locked(opts.sysroot):
+        return _gc(opts)
+
+
+def _gc(opts: GcOpts) -> GcReport:
     sysroot, esp, repo, report = analyse(opts)
     live_ids = {d.depl_id for d in report.live}
     live_kdirs = {k for d in report.live for k in d.kernel_dirs}
@@ -332,9 +366,10 @@ def gc(opts: GcOpts) -> GcReport:
         for name in sorted(os.listdir(sysroot.deploy_dir)):
             path = sysroot.deploy_dir / name
             if name.startswith(".") or name in live_ids or not path.is_dir():
-                continue  # hidden: a deployment being written right now
+                continue  # hidden: a temporary (below)
             report.removed_deployments.append(name)
             if not opts.dry_run:
+                faults.point("gc-state-dir")
                 shutil.rmtree(path)
     marker = StagedMarker.read(opts.staged_marker)
     if marker is not None and marker.depl_id not in live_ids:
@@ -347,7 +382,16 @@ def gc(opts: GcOpts) -> GcReport:
         if kdir.name not in live_kdirs:
             report.removed_kernel_dirs.append(kdir.name)
             if not opts.dry_run:
+                faults.point("gc-kernel-dir")
                 shutil.rmtree(kdir)
+
+    # 2b. what a killed update left: its temporaries (nothing writes them while we hold the lock)
+    for path in temporaries(sysroot, esp):
+        report.removed_temporaries.append(str(path))
+        if not opts.dry_run:
+            if path.name.startswith(UPDATE_STORE_PREFIX):
+                ImageStore(path).cleanup_runtime()
+            shutil.rmtree(path, ignore_errors=True)
 
     if opts.boot_only:
         return report
@@ -360,7 +404,9 @@ def gc(opts: GcOpts) -> GcReport:
                 v.reasons.append("the roots of a live deployment could not be read (see problems)")
             (report.kept_images if v.reasons else report.removed_images).append(v)
         if report.removed_images and not opts.dry_run:
+            faults.point("gc-before-rmi")
             _rmi(ImageStore(sysroot.store), [v.id for v in report.removed_images])
+            faults.point("gc-after-rmi")
 
     # 4. the repository
     if repo is not None:
@@ -399,6 +445,7 @@ def gc(opts: GcOpts) -> GcReport:
                     repo.set_image_ref(name, d.depl_id)
                     report.recreated_refs.append(f"images/refs/{name}")
             for rel in stale:
+                faults.point("gc-stale-ref")
                 (repo.path / rel).unlink(missing_ok=True)
         stale_set = set(stale)
         result = repo.gc(opts.dry_run, extra_images=sorted(live_ids), ignore_ref=stale_set.__contains__)

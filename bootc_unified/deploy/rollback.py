@@ -23,6 +23,7 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from bootc_unified import faults
 from bootc_unified.deploy import bls
 from bootc_unified.deploy.finalize import fsync_dir, swap_staged_entries
 from bootc_unified.deploy.staged import MARKER, StagedMarker
@@ -30,6 +31,7 @@ from bootc_unified.deploy.sysroot import Esp
 from bootc_unified.errors import UserError
 
 ROLLBACK_OS_ID = "bootc"  # bootc's rollback writes this os_id into every sort-key
+TMP_PREFIX = ".entries.rollback."
 _NAME = re.compile(r"^(bootc_.+)-\d+\.conf$")
 
 
@@ -81,9 +83,13 @@ def rollback(esp: Esp, booted_id: str, marker: Path = MARKER) -> RollbackResult:
     marker.unlink(missing_ok=True)
     if esp.entries_staged.exists():
         shutil.rmtree(esp.entries_staged)
-    # the re-keyed set, built beside loader/entries and swapped in
+    faults.point("rollback-after-drop-staged")
+    # the re-keyed set, built beside loader/entries and swapped in (what a killed run left goes;
+    # the caller holds the sysroot lock)
+    for stale in esp.entries.parent.glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
     width = len(str(len(order) - 1))
-    tmp = Path(tempfile.mkdtemp(prefix=".entries.rollback.", dir=esp.entries.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=esp.entries.parent))
     try:
         for pos, ef in enumerate(order):
             prio = len(order) - 1 - pos
@@ -92,10 +98,12 @@ def rollback(esp: Esp, booted_id: str, marker: Path = MARKER) -> RollbackResult:
         with contextlib.suppress(PermissionError):  # vfat refuses modes it cannot store
             os.chmod(tmp, 0o755)
         fsync_dir(tmp)
+        faults.point("rollback-before-rename")
         os.rename(tmp, esp.entries_staged)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    faults.point("rollback-before-swap")
     swap_staged_entries(esp)
     ids = tuple(d for d in (_depl_id(ef) for ef in order) if d is not None)
     return RollbackResult(

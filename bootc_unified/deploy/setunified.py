@@ -36,6 +36,7 @@ from pathlib import Path
 
 from bootc_unified import dedupe, export
 from bootc_unified.cstorage import Store
+from bootc_unified.deploy import sysrootlock
 from bootc_unified.deploy.finalize import writable_sysroot
 from bootc_unified.deploy.origin import Origin
 from bootc_unified.deploy.sysroot import MOUNTINFO, Sysroot, booted_id
@@ -159,6 +160,12 @@ def _step(progress: Progress, task: str, description: str, ident: str, done: boo
 
 
 def set_unified(opts: SetUnifiedOpts, progress: Progress | None = None) -> SetUnifiedResult:
+    """Under the sysroot lock (sysrootlock.py): a GC waits until the image is in the store."""
+    with sysrootlock.locked(opts.sysroot):
+        return _set_unified(opts, progress)
+
+
+def _set_unified(opts: SetUnifiedOpts, progress: Progress | None) -> SetUnifiedResult:
     progress = progress or NullProgress()
     sysroot = Sysroot(opts.sysroot)
     depl_id = booted_id(opts.mountinfo or MOUNTINFO)

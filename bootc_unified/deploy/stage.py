@@ -29,6 +29,7 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from bootc_unified import faults
 from bootc_unified.boot.cmdline import (
     ComposefsArg,
     join_cmdline,
@@ -123,14 +124,17 @@ def stage(
                 shutil.rmtree(esp.entries_staged)
             if sysroot.deployment(new_id).exists():
                 shutil.rmtree(sysroot.deployment(new_id))
+            faults.point("stage-after-drop")
 
             # 4. and 5.
             kdir = bls.install_kernel(esp, new_id, vmlinuz, initramfs)
             if kdir.created:
                 undo.path(kdir.path)
+            faults.point("stage-after-kernel")
             origin = replace(origin, boot=BootSection("bls", kdir.digest))
             undo.path(sysroot.deployment(new_id))
             state.write_deployment(sysroot, new_id, new_root, origin)
+            faults.point("stage-after-state")
 
         # 6. the staged entries
         version = new_os.version(new_id)
@@ -153,9 +157,11 @@ def stage(
         fsync_dir(tmp)
         with contextlib.suppress(PermissionError):  # mkdtemp makes 0700; vfat refuses modes
             os.chmod(tmp, 0o755)
+        faults.point("stage-before-entries-rename")
         undo.path(esp.entries_staged)
         os.rename(tmp, esp.entries_staged)
         fsync_dir(esp.entries_staged.parent)
+        faults.point("stage-before-marker")
 
         # 7. the marker, last
         StagedMarker(new_id, download_only).write(marker)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from bootc_unified.deploy import sysrootlock
 from bootc_unified.deploy.spec import ImageReference
 from bootc_unified.deploy.update import Say, SystemOpts, UpdateOpts, UpdateResult, booted, systemctl, update
 from bootc_unified.errors import UserError
@@ -48,6 +49,12 @@ def target_ref(opts: SwitchOpts) -> ImageReference:
 
 
 def run(opts: SwitchOpts, say: Say, progress: Progress | None = None) -> UpdateResult | None:
+    """Under the sysroot lock (sysrootlock.py): what is booted and staged is read under it."""
+    with sysrootlock.locked(opts.system.sysroot):
+        return _run(opts, say, progress)
+
+
+def _run(opts: SwitchOpts, say: Say, progress: Progress | None) -> UpdateResult | None:
     target = target_ref(opts)
     b = booted(opts.system)
     if target == b.current.imgref:

@@ -40,10 +40,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from bootc_unified import faults
 from bootc_unified.cstorage import Store
-from bootc_unified.deploy import bls, kargs, remote, softreboot
+from bootc_unified.deploy import bls, kargs, remote, softreboot, sysrootlock
 from bootc_unified.deploy.finalize import mounted_image, writable_sysroot
-from bootc_unified.deploy.gc import SYSTEM_STORE, GcOpts, GcReport, gc
+from bootc_unified.deploy.gc import SYSTEM_STORE, UPDATE_STORE_PREFIX, GcOpts, GcReport, gc
 from bootc_unified.deploy.install import Undo, fetch, find_kernel, repo_ref_name
 from bootc_unified.deploy.lbi import (
     BoundImage,
@@ -217,7 +218,7 @@ def pull_and_import(
     else:
         parent = store_path(sysroot.root).parent
         undo.mkdirs(parent)
-        fetch_store = ImageStore(Path(tempfile.mkdtemp(prefix=".update-storage-", dir=parent)))
+        fetch_store = ImageStore(Path(tempfile.mkdtemp(prefix=UPDATE_STORE_PREFIX, dir=parent)))
     try:
         if path == "direct":
             fetch_store.podman(["images", "--quiet"])
@@ -253,16 +254,17 @@ def _unref(repo: Repository, name: str) -> None:
 
 
 def known_ids(b: Booted) -> set[str]:
-    """Deployments in the boot menu, staged entries and the staged marker's."""
+    """Deployments in the boot menu, and the staged one: the marker's, when it is whole (its
+    entries staged, or already swapped in by a finalize). Staged entries without the marker are an
+    update killed before its last step: staged again, not "no changes"."""
     from bootc_unified.deploy.stage import deployed_ids
 
     ids = deployed_ids(b.esp)
-    for ef in bls.read_entries(b.esp.entries_staged):
-        with contextlib.suppress(UserError):
-            if (arg := ef.entry.composefs) is not None:
-                ids.add(arg.digest)
     if b.staged is not None:
-        ids.add(b.staged.depl_id)
+        for ef in bls.read_entries(b.esp.entries_staged):
+            with contextlib.suppress(UserError):
+                if (arg := ef.entry.composefs) is not None and arg.digest == b.staged.depl_id:
+                    ids.add(arg.digest)
     return ids | {b.depl_id}
 
 
@@ -356,7 +358,21 @@ def update(
     progress: Progress | None = None,
 ) -> UpdateResult:
     """Pull `target` and stage it over booted `b`. `on_unchanged(label)` is called when the image
-    is already deployed (it may raise); then nothing is staged."""
+    is already deployed (it may raise); then nothing is staged. Holds the sysroot lock throughout
+    (sysrootlock.py): a second update or a GC waits."""
+    with sysrootlock.locked(system.sysroot):
+        return _update(system, b, target, opts, on_unchanged, say, progress)
+
+
+def _update(
+    system: SystemOpts,
+    b: Booted,
+    target: ImageReference,
+    opts: UpdateOpts,
+    on_unchanged: Callable[[str], None],
+    say: Say,
+    progress: Progress | None,
+) -> UpdateResult:
     progress = progress or NullProgress()
     if opts.soft_reboot not in (None, *SOFT_REBOOT_MODES):
         raise UserError(f"--soft-reboot {opts.soft_reboot}: choose auto or required")
@@ -370,6 +386,7 @@ def update(
     undo = Undo()
     try:
         pulled = pull_and_import(b.sysroot, target, path, system.tls_verify, progress, undo)
+        faults.point("update-after-import")
         result = UpdateResult(path, target, pulled.depl_id, False, pulled)
         if pulled.depl_id in known_ids(b):
             result.unchanged = True
@@ -386,6 +403,7 @@ def update(
             result.bound = pull_bound_images(store, new.bound, system.tls_verify, progress)
             fetched = sum(1 for p in result.bound if p.pulled)
             say(f"Bound images: {fetched} pulled, {len(result.bound) - fetched} present")
+        faults.point("update-before-stage")
         systemctl(system, "start", FINALIZE_UNIT)
         origin = replace(Origin.new(target, None, pulled.manifest_digest), ours=OursSection(pull_path=path))
         result.staged = stage(
@@ -402,6 +420,7 @@ def update(
         undo.run()
         raise
     undo.commit()
+    faults.point("update-after-stage")
     say(f"Queued for next boot: {format_imgref(target)}")
     say(f"  Digest: {pulled.manifest_digest}")
     say(f"  Deployment: {pulled.depl_id}")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bootc_unified.deploy import remote
+from bootc_unified.deploy import remote, sysrootlock
 from bootc_unified.deploy.staged import StagedMarker
 from bootc_unified.deploy.update import (
     FINALIZE_UNIT,
@@ -60,6 +60,11 @@ def check(opts: UpgradeOpts, say: Say) -> bool:
 
 def from_downloaded(opts: UpgradeOpts, say: Say) -> str:
     """`--from-downloaded`: unlock the download-only staged deployment; returns its id."""
+    with sysrootlock.locked(opts.system.sysroot):
+        return _from_downloaded(opts, say)
+
+
+def _from_downloaded(opts: UpgradeOpts, say: Say) -> str:
     marker = StagedMarker.read(opts.system.staged_marker)
     if marker is None or not marker.finalization_locked:
         raise UserError(
@@ -78,12 +83,15 @@ def run(opts: UpgradeOpts, say: Say, progress: Progress | None = None) -> Update
     if opts.check:
         check(opts, say)
         return None
-    if opts.from_downloaded:
-        from_downloaded(opts, say)
-        return None
-    b = booted(opts.system)
-    target = b.current.imgref
-    update_opts = UpdateOpts(apply=opts.apply, soft_reboot=opts.soft_reboot, download_only=opts.download_only)
-    return update(
-        opts.system, b, target, update_opts, lambda label: say(f"No changes in {label}"), say, progress
-    )
+    with sysrootlock.locked(opts.system.sysroot):  # what is booted and staged is read under it
+        if opts.from_downloaded:
+            from_downloaded(opts, say)
+            return None
+        b = booted(opts.system)
+        target = b.current.imgref
+        update_opts = UpdateOpts(
+            apply=opts.apply, soft_reboot=opts.soft_reboot, download_only=opts.download_only
+        )
+        return update(
+            opts.system, b, target, update_opts, lambda label: say(f"No changes in {label}"), say, progress
+        )

@@ -3,8 +3,9 @@
 Under the repository's exclusive lock: the roots are every link under streams/refs and images/refs.
 From a stream the walk reaches its external objects and the streams its named refs name (the
 `composefs.image` named ref of a config stream names an EROFS image); from an image, every object
-its files redirect to. Unreached objects go, then links whose target is gone (streams/<id>,
-images/<id>, refs) and temporary links left by a crash.
+its files redirect to. Links whose target goes (streams/<id>, images/<id>, refs) and temporary
+links left by a crash are removed first, then the unreached objects: a crash in between leaves
+only unreferenced objects, which the next GC removes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bootc_unified import faults
 from bootc_unified.repository import splitstream
 from bootc_unified.repository.refs import TMP_PREFIX, links_under, object_id_of
 
@@ -103,11 +105,8 @@ def collect(
             if object_id in walker.reached:
                 result.kept_objects += 1
                 continue
-            path = pdir / rest
             result.removed_objects.append(object_id)
-            result.removed_bytes += path.lstat().st_size
-            if not dry_run:
-                path.unlink()
+            result.removed_bytes += (pdir / rest).lstat().st_size
 
     gone = set(result.removed_objects)
     for top in ("streams", "images"):
@@ -116,6 +115,12 @@ def collect(
             if link.name.startswith(TMP_PREFIX) or target is None or target in gone:
                 result.removed_links.append(str(link.relative_to(repo_path)))
     if not dry_run:
+        # Links first: a crash in between leaves unreferenced objects (the next GC takes them),
+        # never a link to an object that is gone.
         for rel in result.removed_links:
+            faults.point("repo-gc-link")
             (repo_path / rel).unlink(missing_ok=True)
+        for object_id in result.removed_objects:
+            faults.point("repo-gc-object")
+            (objects_dir / object_id[:2] / object_id[2:]).unlink(missing_ok=True)
     return result
