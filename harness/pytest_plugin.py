@@ -46,6 +46,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=",".join(KINDS),
         help=f"comma-separated loop filesystems to run on (default: {','.join(KINDS)})",
     )
+    group.addoption(
+        "--scenarios",
+        choices=["all", "sample"],
+        default="all",
+        help="sample: long scenarios marked @pytest.mark.sample(fs) run on that filesystem only "
+        "(what ci/test runs to fit CI; the qualification runs all)",
+    )
 
 
 def selected_kinds(config: pytest.Config) -> list[str]:
@@ -62,19 +69,27 @@ def check_fs_marker(nodeid: str, marker: pytest.Mark) -> None:
     if not marker.args or unknown or marker.kwargs:
         what = f"unknown filesystem {', '.join(unknown)}" if unknown else "expects filesystem names"
         # a collection error for this module (pytest exits non-zero), reported in one line
-        pytest.fail(f"{nodeid}: @pytest.mark.fs: {what}; choose from {', '.join(KINDS)}", pytrace=False)
+        pytest.fail(
+            f"{nodeid}: @pytest.mark.{marker.name}: {what}; choose from {', '.join(KINDS)}", pytrace=False
+        )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Parametrize `fs_kind` over the selected filesystems, narrowed by @pytest.mark.fs(...)."""
+    """Parametrize `fs_kind` over the selected filesystems, narrowed by @pytest.mark.fs(...) and,
+    with `--scenarios sample`, by @pytest.mark.sample(...)."""
     marker = metafunc.definition.get_closest_marker("fs")
     if marker is not None:
         check_fs_marker(metafunc.definition.nodeid, marker)
+    sample = metafunc.definition.get_closest_marker("sample")
+    if sample is not None:
+        check_fs_marker(metafunc.definition.nodeid, sample)
     if "fs_kind" not in metafunc.fixturenames:
         return
     kinds = selected_kinds(metafunc.config)
     if marker is not None:
         kinds = [k for k in kinds if k in marker.args]
+    if sample is not None and metafunc.config.getoption("--scenarios") == "sample":
+        kinds = [k for k in kinds if k in sample.args]
     metafunc.parametrize("fs_kind", kinds)
 
 

@@ -16,6 +16,7 @@ INI = """[pytest]
 addopts = -p harness.pytest_plugin --strict-markers
 markers =
     fs(*names): run only on these loop filesystems
+    sample(*names): with --scenarios=sample, only these
 """
 
 
@@ -41,12 +42,23 @@ def test_fs_marker_narrows_the_selection(tmp_path: Path) -> None:
     assert "[btrfs]" not in proc.stdout
 
 
+@pytest.mark.parametrize(("scenarios", "kinds"), [("sample", ["xfs"]), ("all", ["btrfs", "xfs", "ext4"])])
+def test_sample_marker_narrows_a_sampled_run(tmp_path: Path, scenarios: str, kinds: list[str]) -> None:
+    """ci/test's `--scenarios sample`: a long scenario on its sample filesystem only."""
+    body = '@pytest.mark.sample("xfs")\ndef test_it(fs_kind):\n    pass\n'
+    proc = collect(tmp_path, body, "--fs", "btrfs,xfs,ext4", "--scenarios", scenarios)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = [line.split("[")[1].rstrip("]") for line in proc.stdout.splitlines() if "::test_it[" in line]
+    assert got == kinds
+
+
 @pytest.mark.parametrize(
     ("marker", "message"),
     [
         ('fs("ext5")', "@pytest.mark.fs: unknown filesystem 'ext5'"),
         ('fs("xfs", "btfrs")', "@pytest.mark.fs: unknown filesystem 'btfrs'"),
         ("fs()", "@pytest.mark.fs: expects filesystem names"),
+        ('sample("zfs")', "@pytest.mark.sample: unknown filesystem 'zfs'"),
     ],
 )
 @pytest.mark.parametrize("uses_fs_kind", [True, False])

@@ -57,7 +57,7 @@ from harness.pytest_vm import GuestImages, InstalledDiskFactory, VmFactory, arti
 from harness.registry import Registry
 from harness.vm import Machine
 
-pytestmark = [pytest.mark.vm, pytest.mark.slow]
+pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.sample("ext4")]
 
 OS, ALT, APP, APP2 = (variant_ref(v) for v in ("v1", "alt", "app", "app2"))
 # what v1 -> v2 changes under /usr/share/bootc-unified (images/guest/v2.toml)

@@ -34,7 +34,7 @@ from harness.lifecycle import (
 from harness.pytest_vm import GuestImages, InstalledDiskFactory, VmFactory, artifacts_dir
 from harness.registry import Registry
 
-pytestmark = [pytest.mark.vm, pytest.mark.slow]
+pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.sample("xfs")]
 
 OS = variant_ref("v1")
 
