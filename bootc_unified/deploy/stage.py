@@ -13,8 +13,8 @@ In order:
   6. `loader/entries.staged/`: the new primary entry, options = the booted entry's with only
      `composefs=` replaced (keeping its `?`), then the kargs.d diff between the booted and the new
      image (removed kargs dropped by exact match, added ones appended); plus a copy of the booted
-     entry re-keyed as secondary (`-0.conf`, sort-key `...-1`). Built in a temporary dir, fsynced,
-     renamed into place;
+     entry re-keyed as secondary (`-0.conf`, sort-key `bootc-<new os_id>-1`). Built in a
+     temporary dir, fsynced, renamed into place;
   7. last, the staged marker (`finalization_locked` = download-only).
 The booted deployment stays the default until finalize swaps the entry directories. On failure
 everything this call created is removed again.
@@ -147,7 +147,10 @@ def stage(
             sort_key=bls.sort_key(new_os.os_id, primary=True),
         )
         primary_name = bls.file_name(new_os.os_id, version, bls.PRIMARY)
-        secondary = replace(booted.entry, sort_key=bls.sort_key(old_os.os_id, primary=False))
+        # Both keys in the new image's group (**better** than bootc, which keeps the booted os_id
+        # here): systemd-boot sorts sort-keys ascending, so after a switch to an OS whose ID sorts
+        # after the old one ("bootc-os-1" < "bootc-os-alt-0") the old entry would stay the default.
+        secondary = replace(booted.entry, sort_key=bls.sort_key(new_os.os_id, primary=False))
         secondary_name = bls.file_name(old_os.os_id, booted.entry.version or booted_id, bls.SECONDARY)
         esp.entries_staged.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".entries.staged.", dir=esp.entries_staged.parent))

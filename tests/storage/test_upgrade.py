@@ -49,6 +49,8 @@ pytestmark = pytest.mark.storage
 target = bootimages.target  # the fixture: a loop filesystem with root/ and esp/ directories
 
 BOUND = "usr/lib/bootc/bound-images.d"
+# another OS: its ID sorts after bootc-test's, so its sort-key group does too
+ALT_OS_RELEASE = b'NAME="Bootc Alt"\nID=bootc-test-alt\nVERSION_ID=9.0\nPRETTY_NAME="Bootc Alt 9.0"\n'
 Q = "usr/share/containers/systemd"
 OTHER_KERNEL = {
     f"usr/lib/modules/{KVER}/vmlinuz": blob("vmlinuz-alt", 200_000),
@@ -84,7 +86,7 @@ def upd_images(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> 
             "v2": ("2.0", _files("2.0", KERNEL_FILES, v2_only), {}),
             "v2app": ("2.1", _files("2.1", KERNEL_FILES, {**v2_only, **good}), good_links),
             "v2bad": ("2.2", _files("2.2", KERNEL_FILES, bad), bad_links),
-            "alt": ("9.0", _files("9.0", OTHER_KERNEL), {}),
+            "alt": ("9.0", _files("9.0", OTHER_KERNEL, {"usr/lib/os-release": ALT_OS_RELEASE}), {}),
         }
         for name, (version, files, links) in images.items():
             build(b, f"upd-{name}", version, files, links, dirs=("sysroot",))
@@ -448,6 +450,13 @@ def test_switch(
     assert staged["pullPath"] == "unified" and staged["softRebootCapable"] is False
     origin = (t.root / "state/deploy" / b / f"{b}.origin").read_text()
     assert f"container-image-reference = ostree-unverified-image:docker://{alt}\n" in origin
+    # systemd-boot picks the lowest sort-key: the new OS's entry, though its ID sorts after the old
+    keys = {}
+    for conf in (t.esp / "loader/entries.staged").iterdir():
+        fields = dict(line.split(" ", 1) for line in conf.read_text().splitlines() if " " in line)
+        keys[fields["sort-key"]] = fields["options"]
+    assert sorted(keys) == ["bootc-bootc-test-alt-0", "bootc-bootc-test-alt-1"]
+    assert f"composefs=?{b}" in keys["bootc-bootc-test-alt-0"].split()
     assert f"manifest_digest = {imgs['alt'].digest}\n" in origin
     # the staged spec is the current one now
     assert cli("switch", t, a, tmp_path, alt).stdout == "Image specification is unchanged.\n"
