@@ -393,7 +393,9 @@ def _finalize_staged(args: argparse.Namespace) -> int:
     booted, esp = _booted(args.mountinfo, args.sysroot, args.esp)
     writable_sysroot(args.sysroot)
     result = finalize(Sysroot(args.sysroot), Esp(esp), booted, args.etc, marker)
-    assert result is not None
+    if result is None:  # another finalize got the sysroot lock first and did it
+        print("No staged deployment")
+        return 0
     m = result.merge
     print(
         f"Finalized deployment {result.depl_id}: /etc merge kept {len(m.added)} added, "
