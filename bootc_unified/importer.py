@@ -76,6 +76,7 @@ def import_layer(repo: Repository, layer: Layer, stats: ImportStats, zerocopy: b
     hashing all release the GIL); the stream, the sha256 over it and the CRC checks stay in order.
     """
     label = layer.label
+    layer.check_complete()
     if not layer.diff_path.is_dir():
         raise UserError(f"layer {label}: diff directory {layer.diff_path} is missing")
     base = os.fsencode(layer.diff_path)
@@ -187,6 +188,11 @@ def import_image(
         manifest = raw_manifest(store, image)
         result = ImportResult(ref, image.manifest_digest, image.config_digest)
         with repo.writer_lock():
+            # Every layer still to import must be whole before any is: a partially pulled one the
+            # store lacks a tar-split or DiffID for is refused up front, with nothing written.
+            for layer in image.layers:
+                if repo.has_stream(layer_content_id(layer.diff_id)) is None:
+                    layer.check_complete()
             layer_streams: list[tuple[str, str]] = []
             for layer in image.layers:
                 present = repo.has_stream(layer_content_id(layer.diff_id))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -38,6 +39,39 @@ class RegistryError(RuntimeError):
     pass
 
 
+# gorilla/handlers' combined log format, as docker-registry writes its access log:
+# 127.0.0.1 - - [29/Nov/2026:09:03:19 +0000] "GET /v2/t/x/blobs/sha256:ab.. HTTP/1.1" 206 4096 "" "ua"
+_ACCESS_LINE = re.compile(r'^\S+ \S+ \S+ \[[^]]*\] "(\S+) (\S+) [^"]*" (\d{3}) (\d+|-) ')
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request in the registry's access log: what was asked and how many body bytes it got."""
+
+    method: str
+    path: str
+    status: int
+    bytes: int
+
+    @property
+    def blob(self) -> str | None:
+        """The digest of a blob GET (`/v2/<name>/blobs/<digest>`), else None."""
+        if self.method != "GET":
+            return None
+        _, sep, digest = self.path.partition("/blobs/")
+        return digest if sep and "/" not in digest else None
+
+
+def parse_access_log(text: str) -> list[Request]:
+    """The requests of a registry access log; lines of other kinds (the warn-level log) skipped."""
+    found = []
+    for line in text.splitlines():
+        if m := _ACCESS_LINE.match(line):
+            size = m.group(4)
+            found.append(Request(m.group(1), m.group(2), int(m.group(3)), 0 if size == "-" else int(size)))
+    return found
+
+
 def missing_prerequisites() -> list[str]:
     """What stops a local registry from running here, one phrase each (empty: all good)."""
     if not os.access(BINARY, os.X_OK):
@@ -53,7 +87,9 @@ def free_port() -> int:
         return port
 
 
-def config_yaml(storage: Path, port: int) -> str:
+def config_yaml(storage: Path, port: int, access_log: bool = False) -> str:
+    """The registry's config; `access_log` writes one combined-format line per request (status
+    and body bytes sent) to the registry's stdout, i.e. its log file: bytes served, as an oracle."""
     # JSON strings are valid YAML scalars, so paths with odd characters stay quoted correctly.
     return "\n".join(
         [
@@ -61,7 +97,7 @@ def config_yaml(storage: Path, port: int) -> str:
             "log:",
             "  level: warn",
             "  accesslog:",
-            "    disabled: true",
+            f"    disabled: {'false' if access_log else 'true'}",
             "storage:",
             "  filesystem:",
             f"    rootdirectory: {json.dumps(str(storage))}",
@@ -89,6 +125,7 @@ class Registry:
     port: int
     process: subprocess.Popen[bytes] = field(repr=False)
     log: Path = field(repr=False)
+    access_log: bool = False
 
     @property
     def address(self) -> str:
@@ -99,8 +136,9 @@ class Registry:
         return f"http://{self.address}"
 
     @classmethod
-    def start(cls, workdir: Path, attempts: int = 3) -> Registry:
-        """Start a registry storing into `workdir/data`; retry on another port if one was taken."""
+    def start(cls, workdir: Path, attempts: int = 3, access_log: bool = False) -> Registry:
+        """Start a registry storing into `workdir/data`; retry on another port if one was taken.
+        With `access_log`, every request is logged (see `requests`)."""
         problems = missing_prerequisites()
         if problems:
             raise RegistryError(f"cannot start a registry: {'; '.join(problems)}")
@@ -109,15 +147,15 @@ class Registry:
         last = ""
         for _ in range(attempts):
             try:
-                return cls._start_once(workdir, free_port())
+                return cls._start_once(workdir, free_port(), access_log)
             except RegistryError as e:
                 last = str(e)
         raise RegistryError(last)
 
     @classmethod
-    def _start_once(cls, workdir: Path, port: int) -> Registry:
+    def _start_once(cls, workdir: Path, port: int, access_log: bool) -> Registry:
         config = workdir / "config.yml"
-        config.write_text(config_yaml(workdir / "data", port))
+        config.write_text(config_yaml(workdir / "data", port, access_log))
         log = workdir / "registry.log"
         # Environment variables named REGISTRY_* override the config file: never inherit them.
         env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
@@ -130,7 +168,7 @@ class Registry:
                 env=env,
                 start_new_session=True,  # Ctrl-C in a terminal goes to us, not to it
             )
-        reg = cls(workdir, port, proc, log)
+        reg = cls(workdir, port, proc, log, access_log)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -141,6 +179,18 @@ class Registry:
             time.sleep(0.05)
         reg.stop()
         raise RegistryError(f"registry on {reg.address} did not answer GET /v2/ within {START_TIMEOUT:.0f} s")
+
+    def log_offset(self) -> int:
+        """Where the log ends now: pass it to `requests` to see only what comes after."""
+        return self.log.stat().st_size
+
+    def requests(self, since: int = 0) -> list[Request]:
+        """The requests logged after byte `since` of the log (needs `access_log`)."""
+        if not self.access_log:
+            raise RegistryError(f"registry on {self.address} was started without an access log")
+        with open(self.log, "rb") as f:
+            f.seek(since)
+            return parse_access_log(f.read().decode("utf-8", "replace"))
 
     def running(self) -> bool:
         return self.process.poll() is None

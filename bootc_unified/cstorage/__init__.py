@@ -7,7 +7,7 @@ entry by entry with headers from tar-split and content paths in diff/ (`walk_lay
 
 from .reassemble import LayerDigestMismatch, Reassembly, reassemble
 from .reference import ImageNotFound
-from .store import Image, Layer, Store
+from .store import Image, Layer, PartialLayerError, Store
 from .tarheader import TarHeader
 from .tarsplit import FileEntry, Segment, TarSplitError, crc64_iso, read_entries
 from .walk import LayerEntry, walk_layer
@@ -19,6 +19,7 @@ __all__ = [
     "Layer",
     "LayerDigestMismatch",
     "LayerEntry",
+    "PartialLayerError",
     "Reassembly",
     "Segment",
     "Store",

@@ -154,7 +154,9 @@ def reassemble_stream(tar_split: Path, diff_dir: Path, label: str, sink: Sink | 
 
 def reassemble(layer: Layer, sink: Sink | None = None, *, verify: bool = True) -> Reassembly:
     """Reassemble `layer` into `sink` (None: only hash it); with `verify`, raise LayerDigestMismatch
-    unless the result hashes to the layer's DiffID. Hold the store's read lock around this."""
+    unless the result hashes to the layer's DiffID; a partially pulled layer the store cannot give
+    bit-exactly is refused first (PartialLayerError). Hold the store's read lock around this."""
+    layer.check_complete()
     result = reassemble_stream(layer.tar_split_path, layer.diff_path, layer.label, sink)
     if verify and result.digest != layer.diff_id:
         raise LayerDigestMismatch(

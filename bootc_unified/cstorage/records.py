@@ -16,6 +16,11 @@ from bootc_unified.errors import UserError
 
 _PLAIN_KEY = re.compile(r"[.0-9a-z]*")
 
+# Big-data keys containers-storage keeps only for layers it pulled partially from a TOC (zstd:chunked,
+# eStargz): the TOC itself (1.43, Debian 12's podman 4.3, which records no `toc-digest`) and its
+# later cache and layer data.
+PARTIAL_BIG_DATA = ("zstd-chunked-manifest", "zstd-chunked-layer-data", "chunked-manifest-cache")
+
 
 def big_data_filename(key: str) -> str:
     """containers/storage's file name for a big-data key: the key itself if it is only [.0-9a-z],
@@ -65,10 +70,18 @@ class LayerRecord:
     compressed_size: int | None
     flags: dict[str, Any]
     raw: dict[str, Any] = field(repr=False, compare=False)
+    toc_digest: str | None = None  # the zstd:chunked TOC's digest, for a layer pulled by it
+    big_data_names: tuple[str, ...] = ()
 
     @property
     def incomplete(self) -> bool:
         return bool(self.flags.get("incomplete"))
+
+    @property
+    def partial(self) -> bool:
+        """Pulled partially, from a TOC (zstd:chunked): files fetched one by one, or taken from
+        other layers, instead of one layer tar; the store may lack its tar-split and DiffID."""
+        return self.toc_digest is not None or any(k in PARTIAL_BIG_DATA for k in self.big_data_names)
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> LayerRecord:
@@ -84,6 +97,8 @@ class LayerRecord:
             compressed_size=_opt_int(obj, "compressed-size"),
             flags=_str_dict(obj, "flags"),
             raw=obj,
+            toc_digest=_opt_str(obj, "toc-digest"),
+            big_data_names=_str_list(obj, "big-data-names"),
         )
 
 

@@ -63,6 +63,7 @@ def classify(header: TarHeader, path: bytes) -> tuple[bytes, bool, bool]:
 
 def walk_layer(layer: Layer, *, verify: bool = True) -> Iterator[LayerEntry]:
     label = layer.label
+    layer.check_complete()
     if not layer.diff_path.is_dir():
         raise TarSplitError(f"layer {label}: diff directory {layer.diff_path} is missing")
     base = os.fsencode(layer.diff_path)
