@@ -195,6 +195,11 @@ class ImageStore:
         )
 
     def _write_config(self, insecure: Sequence[str] = ()) -> dict[str, Path]:
+        # Every podman run of ours starts without libpod's database: one left by any other podman
+        # that looked at this store (another runroot: `podman --root <store> images` by a user)
+        # makes ours fail with "database configuration mismatch", and the store has no containers.
+        if self.root.is_dir():
+            self.drop_database()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         files = {
             "storage": self.state_dir / "storage.conf",
