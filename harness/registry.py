@@ -72,6 +72,18 @@ def parse_access_log(text: str) -> list[Request]:
     return found
 
 
+def manifest_digest(reference: str) -> str:
+    """The registry's manifest digest of `reference` (HOST:PORT/repo:tag), as skopeo reads it."""
+    proc = subprocess.run(
+        ["skopeo", "inspect", "--tls-verify=false", f"docker://{reference}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    digest: str = json.loads(proc.stdout)["Digest"]
+    return digest
+
+
 def missing_prerequisites() -> list[str]:
     """What stops a local registry from running here, one phrase each (empty: all good)."""
     if not os.access(BINARY, os.X_OK):

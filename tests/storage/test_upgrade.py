@@ -106,6 +106,16 @@ def repo_for(registry: Registry, request: pytest.FixtureRequest, what: str = "os
     return f"{registry.address}/upd/{name}/{what}:latest"
 
 
+def install_v1(
+    t: Target, imgs: dict[str, BootImage], registry: Registry, request: pytest.FixtureRequest, *flags: str
+) -> tuple[str, str]:
+    """v1 installed from this test's own registry repository: (that reference, the deployment id)."""
+    ref = repo_for(registry, request)
+    retag(imgs["v1"], ref)
+    install(t, "--allow-missing-verity", *flags, "--source-imgref", f"docker://{ref}")
+    return ref, deployment_id(t)
+
+
 def retag(src: BootImage, dest: str) -> None:
     run(
         [
@@ -189,12 +199,7 @@ def test_upgrade_unified(
     tmp_path: Path,
 ) -> None:
     t, imgs = target, upd_images
-    ref = repo_for(registry, request)
-    retag(imgs["v1"], ref)
-    install(
-        t, "--allow-missing-verity", "--experimental-unified-storage", "--source-imgref", f"docker://{ref}"
-    )
-    a = deployment_id(t)
+    ref, a = install_v1(t, imgs, registry, request, "--experimental-unified-storage")
 
     # --check: nothing new, then v2 is announced with its registry digest; nothing is written.
     before = snapshot(t, tmp_path, full=True)
@@ -321,10 +326,7 @@ def test_disk_space_refusal_stages_nothing(
     tmp_path: Path,
 ) -> None:
     t, imgs = target, upd_images
-    ref = repo_for(registry, request)
-    retag(imgs["v1"], ref)
-    install(t, "--allow-missing-verity", "--source-imgref", f"docker://{ref}")
-    a = deployment_id(t)
+    ref, a = install_v1(t, imgs, registry, request)
     retag(imgs["v2"], ref)
     filler = t.fs.path / "filler"
     keep = 512 * 1024  # the new layer is ~1.7 MB (random bytes do not compress)
@@ -356,10 +358,7 @@ def test_unpullable_bound_image_stages_nothing(
     tmp_path: Path,
 ) -> None:
     t, imgs = target, upd_images
-    ref = repo_for(registry, request)
-    retag(imgs["v1"], ref)
-    install(t, "--allow-missing-verity", "--source-imgref", f"docker://{ref}")
-    a = deployment_id(t)
+    ref, a = install_v1(t, imgs, registry, request)
     refs_before = run_cli("internals", "cfs", "--repo", t.root / "composefs", "ls-refs").stdout
     retag(imgs["v2bad"], ref)
     before = listing(t.esp)
@@ -382,10 +381,7 @@ def test_download_only_then_from_downloaded(
     tmp_path: Path,
 ) -> None:
     t, imgs = target, upd_images
-    ref = repo_for(registry, request)
-    retag(imgs["v1"], ref)
-    install(t, "--allow-missing-verity", "--source-imgref", f"docker://{ref}")
-    a = deployment_id(t)
+    ref, a = install_v1(t, imgs, registry, request)
     proc = cli("upgrade", t, a, tmp_path, "--from-downloaded", check=False)
     one_line_error(proc, "no download-only staged deployment")
     retag(imgs["v2"], ref)
@@ -478,10 +474,7 @@ def test_soft_reboot_prepares_nextroot(
     tmp_path: Path,
 ) -> None:
     t, imgs = target, upd_images
-    ref = repo_for(registry, request)
-    retag(imgs["v1"], ref)
-    install(t, "--allow-missing-verity", "--source-imgref", f"docker://{ref}")
-    a = deployment_id(t)
+    ref, a = install_v1(t, imgs, registry, request)
     retag(imgs["v2"], ref)
     nextroot = tmp_path / "nextroot"
     try:

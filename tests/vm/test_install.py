@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -34,7 +33,7 @@ from bootc_unified.deploy.disk import MKFS
 from harness import installed
 from harness.guestmodules import run_module, ship
 from harness.pytest_vm import Disk, DiskFactory, GuestImages, VmFactory
-from harness.registry import Registry
+from harness.registry import Registry, manifest_digest
 from harness.vm import Machine
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
@@ -51,17 +50,6 @@ STATUS_ENTRY_KEYS = {
     "composefs",
     "unified",
 }
-
-
-def registry_digest(host_ref: str) -> str:
-    proc = subprocess.run(
-        ["skopeo", "inspect", "--tls-verify=false", f"docker://{host_ref}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    digest: str = json.loads(proc.stdout)["Digest"]
-    return digest
 
 
 # Beyond the image's bytes (x 1.05) and the empty filesystem: the EROFS image, splitstreams and
@@ -134,7 +122,7 @@ def test_install_to_disk(
     assert booted["unified"] is True
     assert booted["image"]["image"]["image"] == ref and booted["image"]["image"]["transport"] == "registry"
     assert status["spec"]["image"]["image"] == ref
-    assert booted["image"]["imageDigest"] == registry_digest(host_ref)
+    assert booted["image"]["imageDigest"] == manifest_digest(host_ref)
     esp = vm.run(["findmnt", "-n", "-t", "vfat", "-o", "TARGET"]).stdout.split()[0]  # status mounts it
     entry_text = vm.run(f"cat {esp}/loader/entries/*.conf").stdout
     assert f"composefs={'' if VERITY[fs_kind] else '?'}{depl_id}" in entry_text, entry_text

@@ -31,7 +31,6 @@ Per step: wall seconds, boots, disk used -> artifacts/vm/<test>/lifecycle-steps.
 from __future__ import annotations
 
 import json
-import subprocess
 from typing import Any
 
 import pytest
@@ -54,7 +53,7 @@ from harness.lifecycle import (
     store_names,
 )
 from harness.pytest_vm import GuestImages, InstalledDiskFactory, VmFactory, artifacts_dir
-from harness.registry import Registry
+from harness.registry import Registry, manifest_digest
 from harness.vm import Machine
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.sample("ext4")]
@@ -67,17 +66,6 @@ V2_FILES = {
     "unchanged.txt": "the same in v1 and v2\n",
 }
 UPGRADE_TIMEOUT = 180  # seconds on KVM; x10 under TCG
-
-
-def registry_digest(registry: Registry, reference: str) -> str:
-    proc = subprocess.run(
-        ["skopeo", "inspect", "--tls-verify=false", f"docker://{registry.address}/{reference}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    digest: str = json.loads(proc.stdout)["Digest"]
-    return digest
 
 
 def cat(vm: Machine, path: str) -> str:
@@ -147,7 +135,7 @@ def test_lifecycle(
         guest_image.push("app", registry, REFERENCES["app"])
         vm.run(["podman", "pull", "--quiet", APP], timeout=vm.timeout(300))
         pulled = vm.run(["podman", "image", "inspect", "--format", "{{.Digest}}", APP]).stdout.strip()
-        assert pulled == registry_digest(registry, REFERENCES["app"]), pulled
+        assert pulled == manifest_digest(f"{registry.address}/{REFERENCES['app']}"), pulled
         vm.run(["podman", "rmi", APP])  # the LBI checks need it only in the bootc store
         facts.update(after_boot(vm, fs, set(), booted=OS))
         v1_id = facts["booted"]
@@ -181,7 +169,7 @@ def test_lifecycle(
         doc = expect_status(vm, booted=OS, staged=OS)
         staged, booted = doc["status"]["staged"], doc["status"]["booted"]
         assert entry_id(staged) != entry_id(booted) == v1_id
-        assert staged["image"]["imageDigest"] == registry_digest(registry, REFERENCES["v2"])
+        assert staged["image"]["imageDigest"] == manifest_digest(f"{registry.address}/{REFERENCES['v2']}")
         assert APP in all_names(vm, BOOTC_STORE), "v2's bound image was not pulled before staging"
         v2_id = entry_id(staged)
 
