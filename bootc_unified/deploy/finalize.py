@@ -32,7 +32,7 @@ from pathlib import Path
 from bootc_unified import faults
 from bootc_unified.deploy import bls, etcmerge, sysrootlock
 from bootc_unified.deploy.staged import MARKER, StagedMarker
-from bootc_unified.deploy.sysroot import Esp, Sysroot
+from bootc_unified.deploy.sysroot import Esp, Sysroot, mounts
 from bootc_unified.errors import UserError
 
 AT_FDCWD = -100
@@ -77,7 +77,8 @@ def writable_sysroot(path: Path) -> None:
     `/` made a slave, `path` remounted bind,rw). Nothing to do when it is writable already."""
     if not os.statvfs(path).f_flag & os.ST_RDONLY:
         return
-    if not os.path.ismount(path):
+    real = os.path.realpath(path)
+    if not os.path.ismount(path) and real not in {m[0] for m in mounts(Path("/proc/self/mountinfo"))}:
         raise UserError(f"{path}: read-only, and not a mount point that could be remounted read-write")
     import subprocess
 

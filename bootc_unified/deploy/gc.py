@@ -38,6 +38,7 @@ from bootc_unified import faults
 from bootc_unified.cstorage import Store
 from bootc_unified.cstorage.records import ImageRecord, LayerRecord
 from bootc_unified.deploy import bls, sysrootlock
+from bootc_unified.deploy.finalize import writable_sysroot
 from bootc_unified.deploy.lbi import BoundImage, bound_images_of_erofs, normalize
 from bootc_unified.deploy.origin import Origin
 from bootc_unified.deploy.staged import MARKER, StagedMarker
@@ -353,6 +354,8 @@ def temporaries(sysroot: Sysroot, esp: Esp) -> list[Path]:
 def gc(opts: GcOpts) -> GcReport:
     """The GC, under the sysroot lock (an update or set-unified in progress finishes first)."""
     with sysrootlock.locked(opts.sysroot):
+        if not opts.dry_run:
+            writable_sysroot(opts.sysroot)  # a booted system's /sysroot is a read-only bind
         return _gc(opts)
 
 

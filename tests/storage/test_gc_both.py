@@ -368,7 +368,15 @@ def test_gc_both_stores(
 
     # Once the system image is gone, gc-a is no longer kept.
     system_store("rmi", "localhost/derived:1")
-    last = json.loads(gc_cli(t, "--system-store", str(system_store.root)).stdout)
+    # As on a booted system, /sysroot is a read-only bind of the physical root: GC makes it
+    # writable in its own mount namespace only.
+    run(["mount", "--bind", str(t.root), str(t.root)])
+    try:
+        run(["mount", "-o", "remount,bind,ro", str(t.root)])
+        last = json.loads(gc_cli(t, "--system-store", str(system_store.root)).stdout)
+        assert os.statvfs(t.root).f_flag & os.ST_RDONLY  # still read-only out here
+    finally:
+        run(["umount", str(t.root)])
     assert [v["names"] for v in last["removed_images"]] == [[imgs["gc-a"]]]
     assert store_names(t, tmp_path) == {imgs["gc-c"]}
 
