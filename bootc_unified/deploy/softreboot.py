@@ -68,11 +68,14 @@ def _run(prefix: Sequence[str], argv: Sequence[str], env: dict[str, str] | None 
 
 
 def mount_source(point: Path) -> str | None:
-    """The source of the topmost mount at `point` (/proc/self/mountinfo), None when none is."""
-    from bootc_unified.deploy.sysroot import mounts
+    """The source of the topmost mount at `point` in the namespace the next root is mounted in
+    (PID 1's, entered with nsenter when this process is in a private one, see
+    finalize.writable_sysroot: its copy never sees mounts made under the private tmpfs), None
+    when none is."""
+    from bootc_unified.deploy.sysroot import MOUNTINFO, mounts
 
     found = None
-    for mnt, _fstype, source in mounts():
+    for mnt, _fstype, source in mounts(Path("/proc/1/mountinfo") if _pid1_prefix() else MOUNTINFO):
         if mnt == str(point):
             found = source
     return found
