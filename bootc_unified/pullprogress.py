@@ -104,6 +104,11 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+# The service exits after this many idle seconds: stop() ends it at once, but when this process
+# is killed (SIGKILL, a power-cut test) it must not outlive it for ever (`--time=0` did).
+SERVICE_IDLE_EXIT = 30
+
+
 class Service:
     """`podman system service` for one store on a private socket; stopped by its own PID."""
 
@@ -113,7 +118,7 @@ class Service:
         self.log = store.state_dir / "service.log"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                store.argv(["system", "service", "--time=0", f"unix://{self.socket}"]),
+                store.argv(["system", "service", f"--time={SERVICE_IDLE_EXIT}", f"unix://{self.socket}"]),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
