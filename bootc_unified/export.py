@@ -35,7 +35,7 @@ from bootc_unified import faults
 from bootc_unified.cstorage.records import big_data_filename
 from bootc_unified.errors import UserError
 from bootc_unified.imgstore import PODMAN, ImageStore, _last_line
-from bootc_unified.importer import manifest_content_id
+from bootc_unified.importer import image_of_manifest_stream, manifest_content_id
 from bootc_unified.progress import NullProgress, Progress, ProgressSteps
 from bootc_unified.repository import Repository, splitstream
 
@@ -67,27 +67,9 @@ def repo_image(repo: Repository, manifest_digest: str) -> RepoImage:
     if repo.has_stream(manifest_content_id(manifest_digest)) is None:
         raise UserError(f"{repo.path}: {label} is not in the repository (no manifest stream)")
     mstream = repo.open_stream(manifest_content_id(manifest_digest), splitstream.OCI_MANIFEST)
-    manifest = b"".join(repo.cat_stream(mstream))
-    if "sha256:" + hashlib.sha256(manifest).hexdigest() != manifest_digest:
-        raise UserError(f"{repo.path}: the manifest stream of {label} does not hash to its digest")
-    if len(mstream.named_refs) != 1:
-        raise UserError(f"{repo.path}: the manifest stream of {label} does not name exactly one config")
-    [(config_digest, config_id)] = mstream.named_refs.items()
-    cstream = repo.open_stream_object(config_id, splitstream.OCI_CONFIG, config_digest)
-    config = b"".join(repo.cat_stream(cstream))
-    if "sha256:" + hashlib.sha256(config).hexdigest() != config_digest:
-        raise UserError(f"{repo.path}: the config stream of {label} does not hash to {config_digest}")
-    try:
-        diff_ids = json.loads(config)["rootfs"]["diff_ids"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{repo.path}: config {config_digest} of {label} has no rootfs.diff_ids") from e
-    layers = []
-    for diff_id in diff_ids:
-        stream_id = cstream.named_refs.get(diff_id)
-        if stream_id is None:
-            raise UserError(f"{repo.path}: config {config_digest} has no layer stream for {diff_id}")
-        layers.append((str(diff_id), stream_id))
-    return RepoImage(manifest_digest, manifest, config_digest, config, tuple(layers))
+    stored = image_of_manifest_stream(repo, mstream, "", label, manifest_digest)
+    layers = tuple(stored.layers)
+    return RepoImage(manifest_digest, stored.manifest, stored.config_digest, stored.config, layers)
 
 
 def write_layer_tar(repo: Repository, diff_id: str, stream_id: str, dest: Path) -> int:

@@ -268,26 +268,43 @@ def stored_image(repo: Repository, name: str) -> StoredImage:
     if manifest_id is None:
         raise UserError(f"{repo.path}: no image named {name!r} (see ls-refs)")
     manifest_stream = repo.open_stream_object(manifest_id, splitstream.OCI_MANIFEST, name)
+    return image_of_manifest_stream(repo, manifest_stream, name, repr(name))
+
+
+def image_of_manifest_stream(
+    repo: Repository,
+    manifest_stream: splitstream.SplitStream,
+    name: str,
+    label: str,
+    manifest_digest: str | None = None,
+) -> StoredImage:
+    """Manifest stream -> config stream -> layer streams, each checked: the manifest hashes to
+    `manifest_digest` (when given), the config to the digest the manifest names, and the config
+    names a layer stream for every DiffID. Errors are one line naming `label`."""
     manifest = b"".join(repo.cat_stream(manifest_stream))
-    manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    if manifest_digest is not None and digest != manifest_digest:
+        raise UserError(f"{repo.path}: the manifest stream of {label} does not hash to its digest")
     if len(manifest_stream.named_refs) != 1:
-        raise UserError(f"{repo.path}: manifest stream of {name!r} does not name exactly one config")
+        raise UserError(f"{repo.path}: the manifest stream of {label} does not name exactly one config")
     [(config_digest, config_id)] = manifest_stream.named_refs.items()
     config_stream = repo.open_stream_object(config_id, splitstream.OCI_CONFIG, config_digest)
     config = b"".join(repo.cat_stream(config_stream))
+    if "sha256:" + hashlib.sha256(config).hexdigest() != config_digest:
+        raise UserError(f"{repo.path}: the config stream of {label} does not hash to {config_digest}")
     try:
         diff_ids = json.loads(config)["rootfs"]["diff_ids"]
     except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{repo.path}: config {config_digest} of {name!r} has no rootfs.diff_ids") from e
+        raise UserError(f"{repo.path}: config {config_digest} of {label} has no rootfs.diff_ids") from e
     layers = []
     for diff_id in diff_ids:
         stream_id = config_stream.named_refs.get(diff_id)
         if stream_id is None:
             raise UserError(f"{repo.path}: config {config_digest} has no layer stream for {diff_id}")
-        layers.append((diff_id, stream_id))
+        layers.append((str(diff_id), stream_id))
     return StoredImage(
         name,
-        manifest_digest,
+        digest,
         config_digest,
         config,
         manifest,
