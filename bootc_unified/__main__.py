@@ -1,5 +1,5 @@
 import sys
 
-from bootc_unified.cli import main
+from bootc_unified.cli import run
 
-sys.exit(main())
+sys.exit(run())

@@ -200,6 +200,8 @@ def invariants(sb: Sandbox, booted: str, store_kept: set[str], label: str) -> di
 
     `store_kept`: manifest digests the store held before; those of live deployments must still be
     listed by podman."""
+    leaked = [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(sb.root) in line]
+    assert not leaked, f"{label}: the killed verb left mounts behind: {leaked[:2]}"
     fsck = run_cli("internals", "cfs", "--repo", sb.repo, "fsck", check=False)
     assert fsck.returncode == 0, f"{label}: fsck: {fsck.stdout}{fsck.stderr}"
     objects = sb.repo / "objects"

@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from bootc_unified import mountns
 from bootc_unified.errors import UserError
 
 from . import deploy, image, internals
@@ -24,10 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int:
+    """Run one command. `own_process`: this is the whole process (the installed command, `python
+    -m bootc_unified`), so a command that mounts runs in a private mount namespace (mountns.py)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if own_process and getattr(args, "private_mounts", True):
+            mountns.ensure_private()
         rc: int | None = args.func(args)
     except UserError as e:
         print(f"bootc-unified: error: {e}", file=sys.stderr)
@@ -41,5 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return rc or 0
 
 
+def run() -> int:
+    """The `bootc-unified` command's entry point."""
+    return main(own_process=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

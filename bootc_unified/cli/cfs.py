@@ -44,7 +44,7 @@ def register(groups: Any) -> None:
     mnt = verbs.add_parser("mount", help="mount an EROFS image (erofs + overlay on the objects)")
     mnt.add_argument("image", metavar="IMAGE_ID", help="an image ID, or the name of an imported image")
     mnt.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
-    mnt.set_defaults(func=_cfs_mount)
+    mnt.set_defaults(func=_cfs_mount, private_mounts=False)  # the mount is the point: keep it
 
     gc = verbs.add_parser("gc", help="remove objects, streams and images no ref reaches")
     gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bootc_unified import faults
+from bootc_unified import faults, mountns
 from bootc_unified.deploy import bls, etcmerge, sysrootlock
 from bootc_unified.deploy.staged import MARKER, StagedMarker
 from bootc_unified.deploy.sysroot import Esp, Sysroot, mounts
@@ -69,9 +69,6 @@ def swap_staged_entries(esp: Esp) -> None:
     fsync_dir(esp.entries.parent)
 
 
-CLONE_NEWNS = 0x00020000
-
-
 def writable_sysroot(path: Path) -> None:
     """Make the read-only mount at `path` writable for this process (a private mount namespace:
     `/` made a slave, `path` remounted bind,rw). Nothing to do when it is writable already."""
@@ -82,14 +79,11 @@ def writable_sysroot(path: Path) -> None:
         raise UserError(f"{path}: read-only, and not a mount point that could be remounted read-write")
     import subprocess
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if libc.unshare(CLONE_NEWNS) != 0:
-        raise UserError(f"{path}: cannot enter a private mount namespace ({os.strerror(ctypes.get_errno())})")
-    for argv in (["mount", "--make-rslave", "/"], ["mount", "-o", "remount,bind,rw", str(path)]):
-        proc = subprocess.run(argv, capture_output=True, text=True)
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-            raise UserError(f"{path}: cannot make it writable ({' '.join(argv)}: {last})")
+    mountns.enter_private(str(path))
+    proc = subprocess.run(["mount", "-o", "remount,bind,rw", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        raise UserError(f"{path}: cannot make it writable (mount -o remount,bind,rw: {last})")
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import bootc_unified.boot
+from bootc_unified import mountns
 from bootc_unified.boot.cmdline import key_value, split_cmdline
 from bootc_unified.errors import UserError
 
@@ -51,12 +52,10 @@ def incapable_reason(
 
 
 def _pid1_prefix() -> list[str]:
-    """nsenter into PID 1's mount namespace when this process is in another one."""
-    try:
-        same = os.stat("/proc/1/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino
-    except OSError:
-        same = True
-    return [] if same else ["nsenter", "--mount=/proc/1/ns/mnt", "--"]
+    """nsenter into the system's mount namespace (PID 1's, see mountns.outer_namespace) when this
+    process is in a private one."""
+    outer = mountns.outer_namespace()
+    return [] if outer is None else ["nsenter", f"--mount={outer}", "--"]
 
 
 def _run(prefix: Sequence[str], argv: Sequence[str], env: dict[str, str] | None = None) -> str:
@@ -72,10 +71,12 @@ def mount_source(point: Path) -> str | None:
     (PID 1's, entered with nsenter when this process is in a private one, see
     finalize.writable_sysroot: its copy never sees mounts made under the private tmpfs), None
     when none is."""
-    from bootc_unified.deploy.sysroot import MOUNTINFO, mounts
+    from bootc_unified.deploy.sysroot import MOUNTINFO, mounts, parse_mountinfo
 
+    prefix = _pid1_prefix()
+    table = parse_mountinfo(_run(prefix, ["cat", "/proc/self/mountinfo"])) if prefix else mounts(MOUNTINFO)
     found = None
-    for mnt, _fstype, source in mounts(Path("/proc/1/mountinfo") if _pid1_prefix() else MOUNTINFO):
+    for mnt, _fstype, source in table:
         if mnt == str(point):
             found = source
     return found

@@ -99,14 +99,19 @@ def mounts(mountinfo: Path = MOUNTINFO) -> list[tuple[str, str, str]]:
         text = mountinfo.read_text()
     except OSError as e:
         raise UserError(f"{mountinfo}: {e.strerror}") from e
+    return parse_mountinfo(text, str(mountinfo))
+
+
+def parse_mountinfo(text: str, name: str = "mountinfo") -> list[tuple[str, str, str]]:
+    """`mounts()` of a mountinfo's text; errors name `name`."""
     out = []
     for n, line in enumerate(text.splitlines(), 1):
         fields = line.split()
         if "-" not in fields:
-            raise UserError(f"{mountinfo}:{n}: not a mountinfo line")
+            raise UserError(f"{name}:{n}: not a mountinfo line")
         sep = fields.index("-")
         if len(fields) < sep + 3 or sep < 5:
-            raise UserError(f"{mountinfo}:{n}: not a mountinfo line")
+            raise UserError(f"{name}:{n}: not a mountinfo line")
         out.append((_unescape(fields[4]), fields[sep + 1], _unescape(fields[sep + 2])))
     return out
 

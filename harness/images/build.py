@@ -44,9 +44,9 @@ BOOT_FILE_SUFFIXES = ("", ".service", ".socket", ".mount", ".target", ".timer", 
 ENTRY_SCRIPT = """#!/usr/bin/python3
 import sys
 
-from bootc_unified.cli import main
+from bootc_unified.cli import run
 
-sys.exit(main())
+sys.exit(run())
 """
 
 
