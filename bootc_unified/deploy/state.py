@@ -33,15 +33,24 @@ def _cp_a(src: Path, dest: Path) -> None:
         raise UserError(f"copying {src} to {dest}: {last}")
 
 
+def private_state_dir(sysroot: Sysroot) -> None:
+    """`state/` exists, root's only (0700): the deployments' /etc copies hold secrets (shadow, keys),
+    reachable by others only through the bind mounts the boot makes of them. An older, wider
+    state dir is narrowed."""
+    sysroot.state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if sysroot.state.stat().st_mode & 0o777 != 0o700:
+        os.chmod(sysroot.state, 0o700)
+
+
 def write_deployment(sysroot: Sysroot, depl_id: str, image_root: Path, origin: Origin) -> Path:
     """Create state/deploy/<id>/ from the image mounted at `image_root`; returns its path."""
     final = sysroot.deployment(depl_id)
     if final.exists():
         raise UserError(f"{final}: deployment state already exists")
+    private_state_dir(sysroot)
     sysroot.deploy_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{depl_id[:16]}.", dir=sysroot.deploy_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{depl_id[:16]}.", dir=sysroot.deploy_dir))  # 0700
     try:
-        os.chmod(tmp, 0o755)
         etc = image_root / "etc"
         if etc.is_dir() and not etc.is_symlink():
             _cp_a(etc, tmp / "etc")
@@ -64,6 +73,7 @@ def seed_var(sysroot: Sysroot, image_root: Path) -> bool:
     target = sysroot.shared_var
     if target.exists():
         return False
+    private_state_dir(sysroot)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".var.", dir=target.parent))
     try:

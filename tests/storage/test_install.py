@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from bootc_unified.importer import image_ref_name
-from harness import bootimages
+from harness import bootimages, permissions
 from harness.bootimages import (
     BOOT_DIGEST,
     INITRAMFS,
@@ -173,7 +173,7 @@ def test_install_unified_from_registry(
     assert differences(want, etc) == []
     assert not (state / "etc/.updated").exists() and (b"/etc/.updated" in theirs.records)
     assert differences(sub_snapshot(theirs, b"/var"), snapshot_dir(t.root / "state/os/default/var")) == []
-    assert os.stat(t.root / "composefs").st_mode & 0o777 == 0o700
+    assert permissions.problems(t.root) == []
     assert image_ref_name(f"localhost/bootc-{image.digest}") in "\n".join(
         run_cli("internals", "cfs", "--repo", t.root / "composefs", "ls-refs").stdout.splitlines()
     )

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from bootc_unified.deploy.sysroot import mounts
-from harness import bootimages
+from harness import bootimages, permissions
 from harness.bootimages import (
     KERNEL_FILES,
     KVER,
@@ -250,6 +250,7 @@ def test_upgrade_unified(
     assert new_data and new_data <= shared, new_data - shared
     v2_diffs = {os.path.realpath(p) for p in diff_inodes(t.store, ref).values()}
     assert len(new_data) <= len(v2_diffs)
+    assert permissions.problems(t.root) == []  # what the upgrade added is private as well
 
     # Again: the same image is staged already.
     staged_before = snapshot(t, tmp_path)
