@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,3 +62,33 @@ def tree_digest(root: Path, suffixes: tuple[str, ...] = (".py",)) -> str:
             continue
         parts += [str(path.relative_to(root)), path.read_bytes()]
     return digest(*parts)
+
+
+# Entries are named `<group>-<key>.<ext>` (disks/v1-ext4-<key>.raw, installed/ext4-unified-<key>.qcow2)
+# or `<key>.<ext>` (rootfs/<key>.tar): every change to the sources makes new keys, so old ones pile
+# up (a disk is ~1 GB, and a day of work left 60 GB).
+_KEYED = re.compile(r"^(?:(?P<group>.+)-)?(?P<key>[0-9a-f]{16})(?P<ext>(?:\.[a-z0-9]+)+)$")
+PRUNED = ("disks", "installed", "rootfs")
+
+
+def prune(keep: int = 2, names: tuple[str, ...] = PRUNED) -> list[Path]:
+    """Delete all but the `keep` newest keys of each group in these cache subdirectories (newest by
+    mtime: when the entry was built); returns what was deleted. A process that has an entry open
+    (a VM on a backing file) keeps reading it; only new users would miss it, and they rebuild it."""
+    removed = []
+    for name in names:
+        directory = cache_dir() / name
+        if not directory.is_dir():
+            continue
+        groups: dict[str, dict[str, list[Path]]] = {}
+        for path in directory.iterdir():
+            m = _KEYED.match(path.name)
+            if m and path.is_file():
+                groups.setdefault(m["group"] or "", {}).setdefault(m["key"], []).append(path)
+        for keys in groups.values():
+            newest = sorted(keys, key=lambda k: max(p.stat().st_mtime for p in keys[k]), reverse=True)
+            for key in newest[keep:]:
+                for path in keys[key]:
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+    return removed

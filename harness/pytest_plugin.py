@@ -39,6 +39,16 @@ def require(problems: list[str], what: str) -> None:
     pytest.skip(message)
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Once per run (the controller, not each xdist worker): drop stale build-cache entries."""
+    if not hasattr(session.config, "workerinput"):
+        from harness import cache
+
+        removed = cache.prune()
+        if removed:
+            print(f"build cache: pruned {len(removed)} stale entries under {cache.cache_dir()}")
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("bootc-unified")
     group.addoption(
