@@ -278,12 +278,12 @@ def _rollback(args: argparse.Namespace) -> int:
 
     from bootc_unified.deploy.rollback import rollback
     from bootc_unified.deploy.staged import MARKER
-    from bootc_unified.deploy.sysroot import Esp
+    from bootc_unified.deploy.sysroot import Esp, Sysroot
     from bootc_unified.deploy.sysrootlock import locked
 
     booted, esp = _booted(args.mountinfo, args.sysroot, args.esp)
     with locked(args.sysroot):  # one deployment verb at a time (upgrade, finalize, GC wait)
-        result = rollback(Esp(esp), booted, args.staged_marker or MARKER)
+        result = rollback(Esp(esp), booted, args.staged_marker or MARKER, Sysroot(args.sysroot))
     if result.dropped_staged:
         print(f"Dropped staged deployment {result.dropped_staged}")
     if result.reverted:

@@ -18,6 +18,7 @@ written again, the entry names that directory (which may carry another deploymen
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import os
@@ -231,6 +232,11 @@ def install_kernel(esp: Esp, depl_id: str, vmlinuz: Path, initrd: Path) -> Kerne
         with contextlib.suppress(PermissionError):  # vfat refuses modes it cannot store
             os.chmod(tmp, 0o755)
         os.rename(tmp, target)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # the ESP is full: name it, not the file read
+            raise UserError(f"{esp.linux}: cannot write {target.name}: {e.strerror}") from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,6 +9,8 @@ reference/deployments.md section 7), with any number of entries (bootc's needs e
   the set sorts in one group), and file-name priorities counting down to 0 (GRUB sorts names
   descending), then swapped with `loader/entries` by RENAME_EXCHANGE and the old set deleted.
   With two entries the keys are bootc's own (`-0`/`-1`).
+- The new default must be able to boot (bootable.py: state dir, EROFS image, its objects): else
+  one line naming what is missing, and nothing is changed. A garbled `.origin` does not stop it.
 - A staged deployment is dropped first: `loader/entries.staged` removed and the marker deleted (its
   state dir stays until GC).
 """
@@ -24,11 +26,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bootc_unified import faults
-from bootc_unified.deploy import bls
+from bootc_unified.deploy import bls, bootable
 from bootc_unified.deploy.finalize import fsync_dir, swap_staged_entries
 from bootc_unified.deploy.staged import MARKER, StagedMarker
-from bootc_unified.deploy.sysroot import Esp
+from bootc_unified.deploy.sysroot import Esp, Sysroot
 from bootc_unified.errors import UserError
+from bootc_unified.repository import Repository
 
 ROLLBACK_OS_ID = "bootc"  # bootc's rollback writes this os_id into every sort-key
 TMP_PREFIX = ".entries.rollback."
@@ -75,9 +78,27 @@ def new_order(entries: list[bls.EntryFile], booted_id: str) -> tuple[list[bls.En
     return [entries[chosen], *(ef for i, ef in enumerate(entries) if i != chosen)], reverted
 
 
-def rollback(esp: Esp, booted_id: str, marker: Path = MARKER) -> RollbackResult:
+def check_bootable(sysroot: Sysroot, depl_id: str) -> None:
+    """Refuse, in one line, a new default that cannot boot (bootable.py); a garbled `.origin`
+    is no reason (the boot never reads it)."""
+    try:
+        repo: Repository | None = Repository.open(sysroot.repo)
+    except UserError as e:
+        raise UserError(f"rollback: deployment {depl_id[:16]}… cannot boot: {e}") from e
+    found = bootable.problems(sysroot, repo, depl_id)
+    if found:
+        raise UserError(f"rollback: deployment {depl_id[:16]}… cannot boot: {found[0]}")
+
+
+def rollback(
+    esp: Esp, booted_id: str, marker: Path = MARKER, sysroot: Sysroot | None = None
+) -> RollbackResult:
+    """With `sysroot`, a new default that cannot boot is refused before anything is written."""
     entries = bls.read_entries(esp.entries)
     order, reverted = new_order(entries, booted_id)
+    chosen = _depl_id(order[0])
+    if sysroot is not None and not reverted and chosen is not None:
+        check_bootable(sysroot, chosen)
     # drop a staged deployment
     staged = StagedMarker.read(marker)
     marker.unlink(missing_ok=True)

@@ -10,8 +10,9 @@ for people.
 - Each entry's image: `.origin` (reference, manifest digest, boot digest) and the manifest/config
   streams of the repository (version = manifest annotation org.opencontainers.image.version, else
   the config label; timestamp = config `created`; architecture = config `architecture`).
-- An entry with a problem (no origin, manifest not in the repository, ...) is still listed, with
-  what could be read; the problem is reported beside the document (`StatusReport.problems`).
+- An entry with a problem (no origin, manifest not in the repository, what stops it from booting:
+  bootable.py) is still listed, with what could be read; the problem is reported beside the
+  document (`StatusReport.problems`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bootc_unified.cstorage import Store
-from bootc_unified.deploy import bls
+from bootc_unified.deploy import bls, bootable
 from bootc_unified.deploy.origin import Origin
 from bootc_unified.deploy.spec import (
     BootEntry,
@@ -182,6 +183,9 @@ def build(
                 problems.append(f"deployment {dep.depl_id[:16]}…: {problem}")
             unified = store.has(origin.image.manifest_digest)
             pull_path = origin.ours.pull_path
+        whole = dep is not booted_dep  # the booted image is mounted: reading it all is no news
+        for problem in bootable.problems(sysroot, repo, dep.depl_id, whole):
+            problems.append(f"deployment {dep.depl_id[:16]}…: {problem}")
         soft = False
         if booted_dep is not None and dep is not booted_dep:
             booted_origin = sysroot.origin(booted_dep.depl_id)

@@ -5,7 +5,8 @@ From a stream the walk reaches its external objects and the streams its named re
 `composefs.image` named ref of a config stream names an EROFS image); from an image, every object
 its files redirect to. Links whose target goes (streams/<id>, images/<id>, refs) and temporary
 links left by a crash are removed first, then the unreached objects: a crash in between leaves
-only unreferenced objects, which the next GC removes.
+only unreferenced objects, which the next GC removes. A root that cannot be read (a damaged
+stream or image) stops the GC before anything is removed: its objects are not known.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bootc_unified import faults
+from bootc_unified.errors import UserError
 from bootc_unified.repository import splitstream
 from bootc_unified.repository.refs import TMP_PREFIX, links_under, object_id_of
 
@@ -53,7 +55,10 @@ class Walker:
         if object_id in self.reached:
             return
         self.reached.add(object_id)
-        parsed = splitstream.parse(self.read(object_id))
+        try:
+            parsed = splitstream.parse(self.read(object_id))
+        except splitstream.SplitStreamError as e:  # a root unreadable: remove nothing
+            raise UserError(f"GC: stream object {object_id} is damaged ({e}); nothing removed") from e
         self.reached.update(parsed.object_refs)
         for name, target in parsed.named_refs.items():
             if name == IMAGE_NAMED_REF:
@@ -65,7 +70,10 @@ class Walker:
         if object_id in self.reached:
             return
         self.reached.add(object_id)
-        self.reached.update(self.image_objects(self.read(object_id)))
+        try:
+            self.reached.update(self.image_objects(self.read(object_id)))
+        except ValueError as e:  # erofs ImageError: a root unreadable, remove nothing
+            raise UserError(f"GC: EROFS image {object_id} is damaged ({e}); nothing removed") from e
 
 
 def collect(

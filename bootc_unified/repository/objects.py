@@ -191,17 +191,20 @@ class ObjectStore:
         object_id = verity.digest_bytes(data, self.alg).hex()
         if object_id in self:
             return ObjectResult(object_id, Method.PRESENT, len(data))
-        fd = self._tmpfile()
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        except BaseException:
-            os.close(fd)
-            raise
-        # Insecure: the userspace digest above is the ID. With verity, the kernel's measurement of the
-        # written file must agree with it.
-        result = self._finalize(fd, Method.COPIED, len(data), object_id if self.insecure else None)
+            fd = self._tmpfile()
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            except BaseException:
+                os.close(fd)
+                raise
+            # Insecure: the userspace digest above is the ID. With verity, the kernel's measurement
+            # of the written file must agree with it.
+            result = self._finalize(fd, Method.COPIED, len(data), object_id if self.insecure else None)
+        except OSError as e:
+            raise UserError(f"{self.dir}: writing an object: {e.strerror or e}") from e
         if result.object_id != object_id:
             raise UserError(
                 f"{self.root}: object digest changed while writing ({object_id} != {result.object_id})"
@@ -218,6 +221,8 @@ class ObjectStore:
         try:
             return self._from_fd(src, path, zerocopy_only)
         except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # the repository's filesystem, not the source
+                raise UserError(f"{self.dir}: {e.strerror} (adding {path})") from e
             raise UserError(f"{path}: {e.strerror or e}") from e
         finally:
             os.close(src)
