@@ -14,6 +14,7 @@ packages=(
     libvirt-daemon-system libvirt-clients libxml2-utils libvirt-dev pkg-config
     python3 python3-venv python3-dev gcc
     curl ca-certificates rsync zstd attr python3-yaml
+    git chromium
 )
 
 die() { echo "setup: $*" >&2; exit 1; }
@@ -34,7 +35,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     rm -f /usr/sbin/policy-rc.d
 fi
 
-# Debian's python3 (3.11 on bookworm): the venv holds the package and its test dependencies.
+# Debian's python3 (3.11 on bookworm): the venv holds the package and its test dependencies
+# (tmt among them: `.venv/bin/tmt run` works after this script).
 stamp=$venv/.setup-stamp
 want=$(cat "$here/pyproject.toml" | sha256sum | cut -d' ' -f1)
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then

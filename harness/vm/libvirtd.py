@@ -1,5 +1,8 @@
 """Connect to libvirt's system daemon, starting virtlogd and libvirtd first when they are not
-running and PID 1 is not systemd (containers, CI runners): the harness needs no service manager."""
+running and PID 1 is not systemd (containers, CI runners): the harness needs no service manager.
+
+The connection URI is qemu:///system unless BOOTC_UNIFIED_LIBVIRT_URI names another (the
+qualification's --libvirt-uri); only the default one is started here when it does not answer."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from harness.cache import file_lock
 from harness.run import run
 
 URI = "qemu:///system"
+URI_ENV = "BOOTC_UNIFIED_LIBVIRT_URI"
 START_TIMEOUT = 30.0
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")  # ci/services.sh sets user/group = "root" there
 
@@ -48,11 +52,15 @@ def pid1_is_systemd() -> bool:
         return False
 
 
+def uri() -> str:
+    return os.environ.get(URI_ENV) or URI
+
+
 def _try_open() -> Any:
     import libvirt
 
     try:
-        return libvirt.open(URI)
+        return libvirt.open(uri())
     except libvirt.libvirtError:
         return None
 
@@ -67,13 +75,15 @@ def _running(pidfile: str) -> bool:
 
 
 def connect() -> Any:
-    """An open connection to qemu:///system (a libvirt.virConnect)."""
+    """An open connection to uri() (a libvirt.virConnect)."""
     import libvirt
 
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors arrive as exceptions
     conn = _try_open()
     if conn is not None:
         return conn
+    if uri() != URI:
+        raise LibvirtUnavailable(f"cannot connect to {uri()} (from {URI_ENV})")
     if pid1_is_systemd():
         raise LibvirtUnavailable(f"cannot connect to {URI}: start it with `systemctl start libvirtd`")
     with file_lock("libvirtd-start"):
