@@ -89,6 +89,24 @@ class Steps:
 # --- facts from the guest ------------------------------------------------------------------------------
 
 
+ESP_TYPE = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
+TEST_ESP = "/run/bootc-unified-test/esp"
+
+
+def mount_esp(vm: Machine) -> str:
+    """Where the guest's ESP is mounted, mounting it (found by its GPT type, as the product finds
+    it) at TEST_ESP when nothing has. The verbs mount it only in their own mount namespace."""
+    found = vm.run(["findmnt", "-n", "-t", "vfat", "-o", "TARGET"], check=False).stdout.split()
+    if found:
+        return found[0]
+    device = vm.run(
+        f"lsblk -rno PATH,PARTTYPE | awk 'tolower($2) == \"{ESP_TYPE}\" {{print $1; exit}}'"
+    ).stdout.strip()
+    assert device, "no EFI system partition in the guest"
+    vm.run(f"mkdir -p {TEST_ESP} && mount -t vfat {shlex.quote(device)} {TEST_ESP}")
+    return TEST_ESP
+
+
 def df_used(vm: Machine, path: str = "/sysroot") -> int:
     return int(vm.run(["df", "-B1", "--output=used", path]).stdout.split()[-1])
 

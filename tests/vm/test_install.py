@@ -32,6 +32,7 @@ import pytest
 from bootc_unified.deploy.disk import MKFS
 from harness import installed
 from harness.guestmodules import run_module, ship
+from harness.lifecycle import mount_esp
 from harness.pytest_vm import Disk, DiskFactory, GuestImages, VmFactory
 from harness.registry import Registry, manifest_digest
 from harness.vm import Machine
@@ -123,7 +124,9 @@ def test_install_to_disk(
     assert booted["image"]["image"]["image"] == ref and booted["image"]["image"]["transport"] == "registry"
     assert status["spec"]["image"]["image"] == ref
     assert booted["image"]["imageDigest"] == manifest_digest(host_ref)
-    esp = vm.run(["findmnt", "-n", "-t", "vfat", "-o", "TARGET"]).stdout.split()[0]  # status mounts it
+    # status mounted the ESP in its own mount namespace: gone with it, nothing left mounted
+    assert vm.run(["findmnt", "-n", "-t", "vfat"], check=False).stdout == ""
+    esp = mount_esp(vm)
     entry_text = vm.run(f"cat {esp}/loader/entries/*.conf").stdout
     assert f"composefs={'' if VERITY[fs_kind] else '?'}{depl_id}" in entry_text, entry_text
 

@@ -16,12 +16,13 @@ the guest is seen pulling through the mapping (digest equal to skopeo's on the h
    object), ref, state dir gone, kernel dirs = the live entries'; the store/repository/state
    bytes drop by about v1's unique bytes; a second run removes nothing; every file of the
    booted root reads back.
-4. podman#20603: `podman build` FROM alt (the booted image) into the system store.
+4. podman#20603: `podman build` FROM alt (the booted image) into the system store, and `podman
+   pull` of alt's content under another name: no layer is copied into the system store.
 5. rollback: rollbackQueued + bootOrder rollback -> reboot: v2 booted, alt rollback.
 6. staged drop: os:latest now v1's content; `upgrade` stages it, `rollback` drops it (and queues
    alt), `rollback` again reverts; `upgrade` again -> reboot: it boots, v2 rollback, alt is no
    longer live, yet GC kept alt's store image because the derived image stands on it (`image
-   list --type all --format json` says so) and the derived image still runs.
+   list --type all --format json` says so) and the derived and the pulled image still run.
 
 After every reboot (harness.lifecycle.after_boot): new boot_id, status slots, no failed units,
 `podman run <booted image>` with no flags, zero-copy audit of every new object, console clean.
@@ -48,6 +49,7 @@ from harness.lifecycle import (
     du_bytes,
     entry_id,
     expect_status,
+    mount_esp,
     objects,
     read_progress,
     store_names,
@@ -59,6 +61,9 @@ from harness.vm import Machine
 pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.sample("ext4")]
 
 OS, ALT, APP, APP2 = (variant_ref(v) for v in ("v1", "alt", "app", "app2"))
+ALT_COPY_REF = "alt-copy:latest"  # alt's content under a name no deployment follows
+ALT_COPY = installed.registry_ref(ALT_COPY_REF)
+VERSION_FILE = "/usr/lib/bootc-unified/version"
 # what v1 -> v2 changes under /usr/share/bootc-unified (images/guest/v2.toml)
 V2_FILES = {
     "added-in-v2.txt": "new in v2\n",
@@ -82,9 +87,14 @@ def verb_json(vm: Machine, *argv: str) -> Any:
     return json.loads(vm.run(["bootc-unified", *argv], timeout=vm.timeout(UPGRADE_TIMEOUT)).stdout)
 
 
+def layer_ids(vm: Machine, store: str) -> set[str]:
+    """A containers-storage's layer IDs, from its own `overlay-layers/layers.json`."""
+    got = vm.run(["cat", f"{store}/overlay-layers/layers.json"], check=False)
+    return {rec["id"] for rec in json.loads(got.stdout or "[]")}
+
+
 def esp_dir(vm: Machine) -> str:
-    vm.run(["bootc-unified", "status", "--format", "json"])  # mounts the ESP
-    return vm.run(["findmnt", "-n", "-t", "vfat", "-o", "TARGET"]).stdout.split()[0]
+    return mount_esp(vm)
 
 
 def live_kernel_dirs(vm: Machine) -> tuple[set[str], set[str]]:
@@ -262,6 +272,16 @@ def test_lifecycle(
         assert ALT not in all_names(vm, SYSTEM_STORE)  # its base stays in the bootc store
         out = vm.run(["podman", "run", "--rm", "localhost/derived:latest", "cat", "/derived.txt"]).stdout
         assert out == "derived\n", out
+        # ... and an image pulled into the system store that shares every layer with alt (alt's content
+        # under another name): podman finds the layers in the additional store and does not fetch them
+        guest_image.push("alt", registry, ALT_COPY_REF)
+        vm.run(["podman", "pull", "--quiet", ALT_COPY], timeout=vm.timeout(300))
+        assert ALT_COPY in all_names(vm, SYSTEM_STORE)
+        copied = sorted(layer_ids(vm, SYSTEM_STORE) & layer_ids(vm, BOOTC_STORE))
+        facts["layers_copied_into_system_store"] = copied
+        assert not copied, "podman copied layers the bootc store has"
+        alt_copy_version = vm.run(["podman", "run", "--rm", ALT_COPY, "cat", VERSION_FILE]).stdout
+        assert alt_copy_version == "alt\n", alt_copy_version
 
     # 5. rollback ------------------------------------------------------------------------------------------
     with steps.step("rollback, reboot into v2") as facts:
@@ -303,5 +323,7 @@ def test_lifecycle(
         assert alt_rows and any("system-store image" in why for why in alt_rows[0]["kept_because"]), rows
         out = vm.run(["podman", "run", "--rm", "localhost/derived:latest", "cat", "/derived.txt"]).stdout
         assert out == "derived\n", out
+        out = vm.run(["podman", "run", "--rm", ALT_COPY, "cat", VERSION_FILE]).stdout
+        assert out == alt_copy_version, out
     print(json.dumps([(r.name, r.seconds, r.boots, r.disk_used) for r in steps.records]))
     vm.poweroff()
