@@ -33,8 +33,8 @@ from pathlib import Path
 
 from bootc_unified import faults
 from bootc_unified.cstorage.records import big_data_filename
-from bootc_unified.errors import UserError
-from bootc_unified.imgstore import PODMAN, ImageStore, _last_line
+from bootc_unified.errors import UserError, tool_error_line
+from bootc_unified.imgstore import PODMAN, ImageStore
 from bootc_unified.importer import image_of_manifest_stream, manifest_content_id
 from bootc_unified.progress import NullProgress, Progress, ProgressSteps
 from bootc_unified.repository import Repository, splitstream
@@ -175,7 +175,8 @@ def push_by_id(source: ImageStore, image_id: str, target: ImageStore) -> None:
     argv += ["image", "push", "--quiet", image_id, dest]
     proc = subprocess.run(argv, capture_output=True, text=True, env=source.env())
     if proc.returncode != 0:
-        raise UserError(f"cannot copy image {image_id[:12]} into {target.root}: {_last_line(proc.stderr)}")
+        why = tool_error_line(proc.stderr)
+        raise UserError(f"cannot copy image {image_id[:12]} into {target.root}: {why}")
 
 
 def rebuild(
@@ -200,7 +201,7 @@ def rebuild(
         )
         if proc.returncode != 0:
             raise UserError(
-                f"image {image.manifest_digest}: loading the rebuilt layers: {_last_line(proc.stderr)}"
+                f"image {image.manifest_digest}: loading the rebuilt layers: {tool_error_line(proc.stderr)}"
             )
         loaded = proc.stdout.strip().splitlines()[-1]
         if loaded != image_id:

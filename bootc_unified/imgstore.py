@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from bootc_unified.errors import UserError
+from bootc_unified import pullprogress
+from bootc_unified.errors import UserError, tool_error_line
 from bootc_unified.progress import NullProgress, Progress, ProgressSteps, SubTaskStep
 
 STORE_SUBPATH = Path("ostree/bootc/storage")
@@ -59,22 +60,6 @@ class StoreImage:
     def keys(self) -> set[str]:
         """Everything a root may name this image by: names, ID (bare and sha256:), digests."""
         return {*self.names, self.id, f"sha256:{self.id}", self.digest, *self.repo_digests} - {""}
-
-
-_LOGRUS_MSG = re.compile(r'msg="((?:[^"\\]|\\.)*)"')
-_IMAGE_NAME_PREFIX = re.compile(r'^Error parsing image name "[^"]*": ')
-
-
-def _last_line(text: str) -> str:
-    """The one line of a podman/skopeo failure worth showing (logrus `msg="..."` unwrapped)."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    if not lines:
-        return "(no output)"
-    last = lines[-1]
-    if m := _LOGRUS_MSG.search(last):
-        last = json.loads(f'"{m.group(1)}"')
-    last = last.removeprefix("Error: ").removeprefix("error: ")
-    return _IMAGE_NAME_PREFIX.sub("", last)
 
 
 def check_qualified(ref: str) -> None:
@@ -296,8 +281,6 @@ class ImageStore:
                 ProgressSteps("pulling", "Pulling", ref, steps_cached=1, steps=1, steps_total=1), True
             )
             return image
-        from bootc_unified import pullprogress
-
         image_id = pullprogress.pull(self, ref, tls_verify=tls_verify, progress=progress)
         return self.inspect(image_id)
 
@@ -382,7 +365,7 @@ class ImageStore:
         proc = subprocess.run(argv, capture_output=True, text=True, env=source_env)
         if proc.returncode != 0:
             raise UserError(
-                f"cannot copy {image} from host storage into {self.root}: {_last_line(proc.stderr)}"
+                f"cannot copy {image} from host storage into {self.root}: {tool_error_line(proc.stderr)}"
             )
         return self.inspect(image)
 
@@ -441,4 +424,4 @@ class PodmanError(UserError):
         self.returncode = returncode
         self.stderr = stderr
         subject = what or " ".join(args[:2])
-        super().__init__(f"{subject}: {_last_line(stderr)}")
+        super().__init__(f"{subject}: {tool_error_line(stderr)}")

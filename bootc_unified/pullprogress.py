@@ -22,16 +22,27 @@ import socket
 import subprocess
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from bootc_unified.errors import UserError
+from bootc_unified.errors import UserError, tool_error_line
 from bootc_unified.progress import Progress, ProgressBytes, SubTaskBytes
 
-if TYPE_CHECKING:
-    from bootc_unified.imgstore import ImageStore
+
+class ImageStore(Protocol):
+    """What a pull needs of imgstore.ImageStore (which calls this module: no import back)."""
+
+    @property
+    def state_dir(self) -> Path: ...
+
+    def env(self, insecure: Sequence[str] = ()) -> dict[str, str]: ...
+
+    def argv(self, args: Sequence[str]) -> list[str]: ...
+
+    def pull_plain(self, ref: str, tls_verify: bool, progress: Progress) -> str: ...
+
 
 SERVICE_START_TIMEOUT = 15.0
 ARCH = {"x86_64": "amd64", "aarch64": "arm64", "ppc64le": "ppc64le", "s390x": "s390x"}
@@ -69,9 +80,7 @@ def manifest_layers(store: ImageStore, ref: str, tls_verify: bool) -> list[Layer
         ]
         proc = subprocess.run(argv, capture_output=True, text=True, env=store.env())
         if proc.returncode != 0:
-            from bootc_unified.imgstore import _last_line
-
-            raise UserError(f"{ref}: {_last_line(proc.stderr)}")
+            raise UserError(f"{ref}: {tool_error_line(proc.stderr)}")
         out: dict[str, Any] = json.loads(proc.stdout)
         return out
 
