@@ -25,7 +25,7 @@ from pathlib import Path
 from bootc_unified.erofs import from_directory, write_image
 from bootc_unified.erofs.tree import walk
 from bootc_unified.verity import HashAlg
-from harness.benchutil import best_of
+from testsupport.benchutil import best_of
 
 
 def main() -> int:

@@ -31,9 +31,9 @@ from rich.table import Table
 from bootc_unified.cstorage import Store
 from bootc_unified.importer import create_image, import_image
 from bootc_unified.repository import Method, Repository
-from harness.cstore_fixtures import build_layered_image, make_store_dirs, release_store
 from harness.loopfs import LoopFs
-from harness.treeadd import sync_fs, tree_bytes, zero_copy_baseline
+from testsupport.cstore_fixtures import build_layered_image, make_store_dirs, release_store
+from testsupport.treeadd import sync_fs, tree_bytes, zero_copy_baseline
 
 IMAGE = "localhost/bench-import:latest"
 DEFAULT_SOURCES = ["/usr/bin", f"/usr/lib/python3.{sys.version_info.minor}", "/usr/share"]

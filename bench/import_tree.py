@@ -22,7 +22,7 @@ from rich.table import Table
 
 from bootc_unified.repository import Method, Repository
 from harness.loopfs import LoopFs
-from harness.treeadd import add_tree, copy_tree, sync_fs, tree_bytes, zero_copy_baseline
+from testsupport.treeadd import add_tree, copy_tree, sync_fs, tree_bytes, zero_copy_baseline
 
 
 def bench_one(kind: str, tree: Path, workdir: Path, workers: int | None) -> list[str]:

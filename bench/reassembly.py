@@ -28,9 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bootc_unified.cstorage import Store, reassemble
-from harness.benchutil import best_of
-from harness.cstore_fixtures import build_layered_image, make_store_dirs, release_store
 from harness.run import run
+from testsupport.benchutil import best_of
+from testsupport.cstore_fixtures import build_layered_image, make_store_dirs, release_store
 
 DEFAULT_SOURCES = ["/usr/bin", "/usr/libexec", f"/usr/lib/python3.{sys.version_info.minor}"]
 IMAGE = "localhost/bench-reassembly:latest"

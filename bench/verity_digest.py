@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bootc_unified import verity
 from bootc_unified.verity import HashAlg
-from harness.benchutil import best_of
+from testsupport.benchutil import best_of
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from harness.crashcheck import ARTIFACTS
+from testsupport.crashcheck import ARTIFACTS
 
 _started = time.time()
 

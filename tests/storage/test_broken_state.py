@@ -30,8 +30,12 @@ from pathlib import Path
 import pytest
 
 from bootc_unified.erofs.reader import referenced_objects
-from harness import bootimages
-from harness.bootimages import (
+from harness.pytest_plugin import require, run_cli
+from harness.registry import Registry
+from harness.testimages import Buildah, push
+from harness.testimages import missing_prerequisites as images_missing
+from testsupport import bootimages
+from testsupport.bootimages import (
     KERNEL_FILES,
     BootImage,
     Target,
@@ -41,10 +45,6 @@ from harness.bootimages import (
     install,
     listing,
 )
-from harness.pytest_plugin import require, run_cli
-from harness.registry import Registry
-from harness.testimages import Buildah, push
-from harness.testimages import missing_prerequisites as images_missing
 
 pytestmark = pytest.mark.storage
 

@@ -30,8 +30,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from harness import bootimages as ti
-from harness.crashcheck import (
+from harness.loopfs import KINDS, LoopFs
+from harness.pytest_plugin import require, run_cli
+from harness.registry import Registry
+from harness.run import run
+from harness.testimages import Buildah, push
+from harness.testimages import missing_prerequisites as images_missing
+from testsupport import bootimages as ti
+from testsupport.crashcheck import (
     Outcome,
     Sandbox,
     Tally,
@@ -42,12 +48,6 @@ from harness.crashcheck import (
     run_killed,
     store_digests,
 )
-from harness.loopfs import KINDS, LoopFs
-from harness.pytest_plugin import require, run_cli
-from harness.registry import Registry
-from harness.run import run
-from harness.testimages import Buildah, push
-from harness.testimages import missing_prerequisites as images_missing
 
 pytestmark = pytest.mark.storage
 

@@ -26,7 +26,11 @@ from bootc_unified.cstorage import Image, Store, reassemble
 from bootc_unified.cstorage.reference import ImageNotFound
 from bootc_unified.cstorage.walk import LayerEntry, walk_layer
 from bootc_unified.errors import UserError
-from harness.cstore_fixtures import (
+from harness.loopfs import LoopFs
+from harness.pytest_plugin import require
+from harness.run import run
+from harness.testimages import TestImages
+from testsupport.cstore_fixtures import (
     OCI_MANIFEST,
     BuiltImage,
     StoreDirs,
@@ -38,11 +42,7 @@ from harness.cstore_fixtures import (
     release_store,
     write_oci_layout,
 )
-from harness.loopfs import LoopFs
-from harness.proclocks import LockWatch, wait_until_blocked
-from harness.pytest_plugin import require
-from harness.run import run
-from harness.testimages import TestImages
+from testsupport.proclocks import LockWatch, wait_until_blocked
 
 pytestmark = pytest.mark.storage
 

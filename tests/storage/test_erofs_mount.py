@@ -22,9 +22,9 @@ from bootc_unified.erofs.reader import read_image
 from bootc_unified.erofs.tree import InodeMeta
 from bootc_unified.repository import Repository
 from bootc_unified.verity import HashAlg, digest_bytes
-from harness.erofs_samples import compare_trees, make_sample_tree
 from harness.loopfs import LoopFs
 from harness.pytest_plugin import require
+from testsupport.erofs_samples import compare_trees, make_sample_tree
 
 pytestmark = pytest.mark.storage
 

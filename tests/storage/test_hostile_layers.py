@@ -20,7 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.cstore_fixtures import (
+from harness.loopfs import LoopFs
+from harness.pytest_plugin import LoopFsFactory
+from harness.run import CommandError
+from testsupport.cstore_fixtures import (
     BuiltImage,
     StoreDirs,
     copy_into_store,
@@ -28,7 +31,7 @@ from harness.cstore_fixtures import (
     release_store,
     write_oci_layout,
 )
-from harness.hostile import (
+from testsupport.hostile import (
     BASE,
     Case,
     assert_as_podman,
@@ -40,10 +43,7 @@ from harness.hostile import (
     symlink,
     tar,
 )
-from harness.loopfs import LoopFs
-from harness.pytest_plugin import LoopFsFactory
-from harness.run import CommandError
-from harness.tarlayer import entry
+from testsupport.tarlayer import entry
 
 pytestmark = pytest.mark.storage
 

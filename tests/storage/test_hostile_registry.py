@@ -22,8 +22,12 @@ from pathlib import Path
 import pytest
 
 from bootc_unified.imgstore import STORE_SUBPATH, ImageStore
-from harness.cstore_fixtures import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST
-from harness.hostile import (
+from harness.loopfs import LoopFs
+from harness.pytest_plugin import run_cli
+from harness.registry import Registry
+from harness.treecompare import differences, snapshot_dir
+from testsupport.cstore_fixtures import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST
+from testsupport.hostile import (
     BASE,
     assert_one_line,
     assert_refused,
@@ -35,11 +39,7 @@ from harness.hostile import (
     registry_blob_path,
     tar,
 )
-from harness.loopfs import LoopFs
-from harness.pytest_plugin import run_cli
-from harness.registry import Registry
-from harness.tarlayer import entry
-from harness.treecompare import differences, snapshot_dir
+from testsupport.tarlayer import entry
 
 pytestmark = pytest.mark.storage
 

@@ -24,8 +24,8 @@ from harness.checks import all_extents_shared, fiemap
 from harness.loopfs import LoopFs
 from harness.pytest_plugin import run_cli
 from harness.testimages import TestImages
-from harness.treeadd import sync_fs, tree_bytes, zero_copy_baseline
 from harness.treecompare import Snapshot, differences, snapshot_dir, snapshot_tree
+from testsupport.treeadd import sync_fs, tree_bytes, zero_copy_baseline
 
 pytestmark = pytest.mark.storage
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from bootc_unified.erofs.mount import mounted
-from harness.cstore_fixtures import BuiltImage, StoreDirs, copy_into_store, make_store_dirs, release_store
 from harness.loopfs import LoopFs
 from harness.pytest_plugin import run_cli
 from harness.run import CommandError
-from harness.tarlayer import entry, make_tar
 from harness.treecompare import differences, snapshot_dir
+from testsupport.cstore_fixtures import BuiltImage, StoreDirs, copy_into_store, make_store_dirs, release_store
+from testsupport.tarlayer import entry, make_tar
 
 pytestmark = [pytest.mark.storage, pytest.mark.fs("xfs")]
 
@@ -56,7 +56,7 @@ def store(loopfs: LoopFs) -> Iterator[StoreDirs]:
 
 @pytest.fixture
 def layout(loopfs: LoopFs) -> Path:
-    from harness.cstore_fixtures import write_oci_layout
+    from testsupport.cstore_fixtures import write_oci_layout
 
     path = loopfs.path / "layout"
     images = [BuiltImage(name, (BASE, t)) for name, t in REFUSED_BY_PODMAN.items()]

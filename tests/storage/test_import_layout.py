@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 
 from harness.checks import all_extents_shared
-from harness.cstore_fixtures import (
+from harness.loopfs import LoopFs
+from harness.pytest_plugin import LoopFsFactory
+from testsupport.cstore_fixtures import (
     BuiltImage,
     StoreDirs,
     copy_into_store,
@@ -28,10 +30,8 @@ from harness.cstore_fixtures import (
     release_store,
     write_oci_layout,
 )
-from harness.hostile import BASE, assert_as_podman, assert_refused, directory, import_cli, init_repo, tar
-from harness.loopfs import LoopFs
-from harness.pytest_plugin import LoopFsFactory
-from harness.tarlayer import entry
+from testsupport.hostile import BASE, assert_as_podman, assert_refused, directory, import_cli, init_repo, tar
+from testsupport.tarlayer import entry
 
 pytestmark = pytest.mark.storage
 

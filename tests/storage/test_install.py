@@ -23,8 +23,16 @@ from pathlib import Path
 import pytest
 
 from bootc_unified.importer import image_ref_name
-from harness import bootimages, permissions
-from harness.bootimages import (
+from harness.loopfs import LoopFs
+from harness.pytest_plugin import require, run_cli
+from harness.registry import Registry
+from harness.run import run
+from harness.scratchpodman import ScratchPodman
+from harness.testimages import Buildah, push
+from harness.testimages import missing_prerequisites as images_missing
+from harness.treecompare import differences, snapshot_dir
+from testsupport import bootimages, permissions
+from testsupport.bootimages import (
     BOOT_DIGEST,
     INITRAMFS,
     KERNEL,
@@ -47,14 +55,6 @@ from harness.bootimages import (
     sub_snapshot,
     the_entry,
 )
-from harness.loopfs import LoopFs
-from harness.pytest_plugin import require, run_cli
-from harness.registry import Registry
-from harness.run import run
-from harness.scratchpodman import ScratchPodman
-from harness.testimages import Buildah, push
-from harness.testimages import missing_prerequisites as images_missing
-from harness.treecompare import differences, snapshot_dir
 
 pytestmark = pytest.mark.storage
 

@@ -24,8 +24,8 @@ from harness.loopfs import LoopFs
 from harness.pytest_plugin import run_cli
 from harness.pytest_vm import GuestImages
 from harness.registry import Registry
-from harness.treeadd import sync_fs, tree_bytes, zero_copy_baseline
 from harness.treecompare import differences, snapshot_dir
+from testsupport.treeadd import sync_fs, tree_bytes, zero_copy_baseline
 
 pytestmark = [pytest.mark.storage, pytest.mark.slow]
 

@@ -32,8 +32,13 @@ from pathlib import Path
 
 import pytest
 
-from harness import bootimages
-from harness.bootimages import (
+from harness.pytest_plugin import require, run_cli
+from harness.registry import Registry
+from harness.run import run
+from harness.testimages import Buildah, push
+from harness.testimages import missing_prerequisites as images_missing
+from testsupport import bootimages
+from testsupport.bootimages import (
     BOOT_DIGEST,
     KERNEL_FILES,
     KVER,
@@ -48,11 +53,6 @@ from harness.bootimages import (
     listing,
     podman_on,
 )
-from harness.pytest_plugin import require, run_cli
-from harness.registry import Registry
-from harness.run import run
-from harness.testimages import Buildah, push
-from harness.testimages import missing_prerequisites as images_missing
 
 pytestmark = pytest.mark.storage
 

@@ -29,13 +29,13 @@ from bootc_unified.deploy.stage import stage
 from bootc_unified.deploy.staged import StagedMarker
 from bootc_unified.deploy.sysroot import Esp, Sysroot
 from bootc_unified.errors import UserError
-from harness.bootimages import KVER, blob
 from harness.loopfs import LoopFs
 from harness.pytest_plugin import require, run_cli
 from harness.registry import Registry
 from harness.run import run
 from harness.testimages import Buildah, push
 from harness.testimages import missing_prerequisites as images_missing
+from testsupport.bootimages import KVER, blob
 
 pytestmark = pytest.mark.storage
 

@@ -20,8 +20,14 @@ from pathlib import Path
 import pytest
 
 from bootc_unified.deploy.sysroot import mounts
-from harness import bootimages, permissions
-from harness.bootimages import (
+from harness.pytest_plugin import require, run_cli
+from harness.registry import Registry
+from harness.run import run
+from harness.testimages import Buildah, push
+from harness.testimages import missing_prerequisites as images_missing
+from harness.zerocopy_audit import audit
+from testsupport import bootimages, permissions
+from testsupport.bootimages import (
     KERNEL_FILES,
     KVER,
     BootImage,
@@ -37,12 +43,6 @@ from harness.bootimages import (
     podman_on,
     status,
 )
-from harness.pytest_plugin import require, run_cli
-from harness.registry import Registry
-from harness.run import run
-from harness.testimages import Buildah, push
-from harness.testimages import missing_prerequisites as images_missing
-from harness.zerocopy_audit import audit
 
 pytestmark = pytest.mark.storage
 

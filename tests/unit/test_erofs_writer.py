@@ -20,8 +20,8 @@ from bootc_unified.erofs.reader import read_image, referenced_objects
 from bootc_unified.erofs.tree import hardlink_groups, object_ids, walk
 from bootc_unified.erofs.xxh32 import xxh32
 from bootc_unified.verity import HashAlg, digest_bytes
-from harness.erofs_samples import make_sample_tree, snapshot
 from harness.pytest_plugin import require
+from testsupport.erofs_samples import make_sample_tree, snapshot
 
 ALG = HashAlg.SHA512
 

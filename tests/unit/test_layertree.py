@@ -14,7 +14,7 @@ import pytest
 from bootc_unified.erofs.tree import Directory, Regular, Symlink
 from bootc_unified.layertree import LayerError, flatten
 from bootc_unified.repository import Repository
-from harness.tarlayer import entry, layer_from_tar, make_tar
+from testsupport.tarlayer import entry, layer_from_tar, make_tar
 
 
 @pytest.fixture

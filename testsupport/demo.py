@@ -17,7 +17,7 @@ from rich.table import Table
 
 from bootc_unified.repository import Method, Repository
 from harness.loopfs import LoopFs, missing_prerequisites
-from harness.treeadd import add_tree, copy_tree, sync_fs, tree_bytes
+from testsupport.treeadd import add_tree, copy_tree, sync_fs, tree_bytes
 
 KINDS = ("ext4", "xfs")
 

@@ -20,10 +20,10 @@ from pathlib import Path
 from bootc_unified.erofs.mount import mounted
 from bootc_unified.importer import layer_content_id
 from bootc_unified.repository import Repository
-from harness.cstore_fixtures import StoreDirs
 from harness.pytest_plugin import run_cli
-from harness.tarlayer import TarEntry, entry, make_tar
 from harness.treecompare import Snapshot, differences, snapshot_dir
+from testsupport.cstore_fixtures import StoreDirs
+from testsupport.tarlayer import TarEntry, entry, make_tar
 
 # The bottom layer of every crafted image: a directory with a file, a file, a symlink.
 BASE = make_tar(
