@@ -14,10 +14,13 @@ service does not come up, `ImageStore.pull_plain` reports per-layer steps instea
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import http.client
 import json
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -118,8 +121,20 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 SERVICE_IDLE_EXIT = 30
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the service's process before exec: SIGKILL it when the verb that started it dies. A
+    killed upgrade must not leave a podman pulling into the store behind its back (the crash
+    tests saw one still writing while the store was copied), nor its mount namespace alive."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class Service:
-    """`podman system service` for one store on a private socket; stopped by its own PID."""
+    """`podman system service` for one store on a private socket; stopped by its own PID, and
+    killed by the kernel when the process that started it dies."""
 
     def __init__(self, store: ImageStore, env: dict[str, str]) -> None:
         self.socket = store.state_dir / "api.sock"
@@ -133,6 +148,7 @@ class Service:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         deadline = time.monotonic() + SERVICE_START_TIMEOUT
         while time.monotonic() < deadline:

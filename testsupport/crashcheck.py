@@ -85,18 +85,14 @@ class Sandbox:
         dest = self.base / f"saved-{name}"
         shutil.rmtree(dest, ignore_errors=True)
         dest.mkdir()
-        argv = ["cp", "-a", "--reflink=auto", str(self.root), str(self.esp), str(self.run), str(dest)]
-        subprocess.run(argv, check=True)
+        _copy([self.root, self.esp, self.run], dest)
 
     def restore(self, name: str) -> None:
         self.quiesce()
         for d in (self.root, self.esp, self.run):
             shutil.rmtree(d)
         saved = self.base / f"saved-{name}"
-        subprocess.run(
-            ["cp", "-a", "--reflink=auto", *(str(saved / d) for d in ("root", "esp", "run")), str(self.base)],
-            check=True,
-        )
+        _copy([saved / d for d in ("root", "esp", "run")], self.base)
 
     def mountinfo(self, booted: str) -> Path:
         """A mountinfo as a system booted from `booted` has it (`/` = composefs:<id>)."""
@@ -129,6 +125,15 @@ class Outcome:
     @property
     def killed(self) -> bool:
         return self.returncode == -signal.SIGKILL
+
+
+def _copy(sources: list[Path], dest: Path) -> None:
+    """cp -a (reflinks where the filesystem has them); a failure carries cp's own words."""
+    argv = ["cp", "-a", "--reflink=auto", *map(str, sources), str(dest)]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        why = proc.stderr.strip()[-2000:]
+        raise AssertionError(f"copying {', '.join(map(str, sources))} to {dest}: {why}")
 
 
 def run_killed(argv: list[str], point: str | None = None, kill_after: float | None = None) -> Outcome:
@@ -195,11 +200,27 @@ def origin_digest(sb: Sandbox, depl_id: str) -> str | None:
     return None
 
 
+def processes_naming(path: Path) -> list[str]:
+    """Command lines of live processes that name `path` (podman runs with --root <store>)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                if any(str(path).encode() in a for a in argv):
+                    found.append(b" ".join(argv).decode(errors="replace")[:300])
+    return found
+
+
 def invariants(sb: Sandbox, booted: str, store_kept: set[str], label: str) -> dict[str, object]:
     """Assert what must hold after any crash; returns `status --format json`'s document.
 
     `store_kept`: manifest digests the store held before; those of live deployments must still be
     listed by podman."""
+    deadline = time.monotonic() + 5.0  # the kernel's SIGKILL of children takes a moment to land
+    while (left := processes_naming(sb.store)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, f"{label}: the killed verb left processes behind: {left[:2]}"
     leaked = [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(sb.root) in line]
     assert not leaked, f"{label}: the killed verb left mounts behind: {leaked[:2]}"
     fsck = run_cli("internals", "cfs", "--repo", sb.repo, "fsck", check=False)
