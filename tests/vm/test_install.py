@@ -37,7 +37,7 @@ from harness.pytest_vm import Disk, DiskFactory, GuestImages, VmFactory
 from harness.registry import Registry, manifest_digest
 from harness.vm import Machine
 
-pytestmark = [pytest.mark.vm, pytest.mark.slow]
+pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.sample("btrfs")]
 
 VERITY = {"btrfs": True, "ext4": True, "xfs": False}
 STATUS_ENTRY_KEYS = {
