@@ -24,29 +24,37 @@ from bootc_unified.errors import UserError
 CLONE_NEWNS = 0x00020000
 PID1_NS = Path("/proc/1/ns/mnt")
 
-_entered = False
 _origin_fd: int | None = None  # the namespace this process started in, once it has left it
 
 
 def enter_private(what: str = "this process") -> None:
     """unshare(CLONE_NEWNS) and make `/` rslave; UserError naming `what` on failure."""
-    global _entered, _origin_fd
+    global _origin_fd
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if _origin_fd is None:
-        _origin_fd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    origin = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     if libc.unshare(CLONE_NEWNS) != 0:
-        raise UserError(f"{what}: cannot enter a private mount namespace ({os.strerror(ctypes.get_errno())})")
+        err = ctypes.get_errno()
+        os.close(origin)
+        raise UserError(f"{what}: cannot enter a private mount namespace ({os.strerror(err)})")
     proc = subprocess.run(["mount", "--make-rslave", "/"], capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
         raise UserError(f"{what}: cannot make / a slave mount in a private namespace ({last})")
-    _entered = True
+    if _origin_fd is None:
+        _origin_fd = origin
+    else:
+        os.close(origin)  # a second one (nested): the first holds where this process started
 
 
-def ensure_private() -> None:
+def entered() -> bool:
+    """Whether this process runs in a private mount namespace of its own making."""
+    return _origin_fd is not None
+
+
+def ensure_private(what: str = "this process") -> None:
     """Enter a private mount namespace once per process (root only; a no-op otherwise)."""
-    if not _entered and os.geteuid() == 0:
-        enter_private()
+    if not entered() and os.geteuid() == 0:
+        enter_private(what)
 
 
 def outer_namespace() -> Path | None:

@@ -79,7 +79,8 @@ def writable_sysroot(path: Path) -> None:
         raise UserError(f"{path}: read-only, and not a mount point that could be remounted read-write")
     import subprocess
 
-    mountns.enter_private(str(path))
+    if not mountns.entered():  # the command line has entered one already
+        mountns.enter_private(str(path))
     proc = subprocess.run(["mount", "-o", "remount,bind,rw", str(path)], capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
