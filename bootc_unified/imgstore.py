@@ -281,7 +281,12 @@ class ImageStore:
                 ProgressSteps("pulling", "Pulling", ref, steps_cached=1, steps=1, steps_total=1), True
             )
             return image
-        image_id = pullprogress.pull(self, ref, tls_verify=tls_verify, progress=progress)
+        try:
+            image_id = pullprogress.pull(self, ref, tls_verify=tls_verify, progress=progress)
+        except UserError as e:
+            if "no space left on device" in str(e).lower():  # podman names the image, not the store
+                raise UserError(f"{self.root}: {e}") from e
+            raise
         return self.inspect(image_id)
 
     def pull_plain(self, ref: str, tls_verify: bool, progress: Progress) -> str:

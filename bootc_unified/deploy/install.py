@@ -165,12 +165,7 @@ def host_storage_env(graphroot: Path) -> dict[str, str]:
 def fetch(store: ImageStore, source: ImageReference, tls_verify: bool, progress: Progress) -> str:
     """Put the source image into `store`; returns its image ID there."""
     if source.transport == "registry":
-        try:
-            return store.pull(f"docker://{source.image}", PullPolicy.ALWAYS, tls_verify, progress).id
-        except UserError as e:
-            if "no space left on device" in str(e).lower():  # podman names the image, not the store
-                raise UserError(f"{store.root}: {e}") from e
-            raise
+        return store.pull(f"docker://{source.image}", PullPolicy.ALWAYS, tls_verify, progress).id
     if source.transport == "containers-storage":
         progress.send(
             ProgressSteps("copying", "Copying from host storage", source.image, steps_total=1), True
