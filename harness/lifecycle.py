@@ -137,12 +137,21 @@ def root_source_id(vm: Machine) -> str:
     return source.removeprefix("composefs:")
 
 
+def _store_records(vm: Machine, store: str, kind: str) -> list[dict[str, Any]]:
+    """A containers-storage's own `overlay-<kind>/<kind>.json` (no podman, no product code)."""
+    got = vm.run(["cat", f"{store}/overlay-{kind}/{kind}.json"], check=False)
+    records: list[dict[str, Any]] = json.loads(got.stdout or "[]") if got.ok else []
+    return records
+
+
 def store_names(vm: Machine, store: str) -> dict[str, list[str]]:
-    """image ID -> names, from the store's own images.json (no podman, no product code)."""
-    got = vm.run(["cat", f"{store}/overlay-images/images.json"], check=False)
-    if not got.ok:
-        return {}
-    return {rec["id"]: list(rec.get("names") or []) for rec in json.loads(got.stdout or "[]")}
+    """image ID -> names, from the store's own images.json."""
+    return {rec["id"]: list(rec.get("names") or []) for rec in _store_records(vm, store, "images")}
+
+
+def layer_ids(vm: Machine, store: str) -> set[str]:
+    """A containers-storage's layer IDs, from its own layers.json."""
+    return {rec["id"] for rec in _store_records(vm, store, "layers")}
 
 
 def all_names(vm: Machine, store: str) -> set[str]:

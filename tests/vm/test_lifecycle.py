@@ -49,6 +49,7 @@ from harness.lifecycle import (
     du_bytes,
     entry_id,
     expect_status,
+    layer_ids,
     mount_esp,
     objects,
     read_progress,
@@ -85,12 +86,6 @@ def run_verb(vm: Machine, *argv: str) -> str:
 
 def verb_json(vm: Machine, *argv: str) -> Any:
     return json.loads(vm.run(["bootc-unified", *argv], timeout=vm.timeout(UPGRADE_TIMEOUT)).stdout)
-
-
-def layer_ids(vm: Machine, store: str) -> set[str]:
-    """A containers-storage's layer IDs, from its own `overlay-layers/layers.json`."""
-    got = vm.run(["cat", f"{store}/overlay-layers/layers.json"], check=False)
-    return {rec["id"] for rec in json.loads(got.stdout or "[]")}
 
 
 def esp_dir(vm: Machine) -> str:
