@@ -9,6 +9,8 @@ oracle that is not the product's own code where one exists.
   reports, `systemctl --failed` empty, `podman run <booted image>` with the guest's podman and no
   flags (and that it did not pull: the system store has no image of that name afterwards), and the
   zero-copy audit (harness.zerocopy_audit, in the guest) of every object new since the last audit.
+- `disk_figures`: the qualification report's disk figures (image bytes, bootc store, repository
+  extra, plain copy cost), measured in the guest, for a step's facts.
 - `store_names`: a containers-storage's image names from its own `overlay-images/images.json`.
 - `apply_and_reconnect`: run a verb that reboots the guest itself (`--apply`) and follow it through
   a soft or a hard reboot.
@@ -115,6 +117,27 @@ def du_bytes(vm: Machine, *paths: str) -> int:
     """Bytes `du` counts for `paths` together (one invocation: a hardlinked inode counts once)."""
     out = vm.run(["du", "-s", "-c", "-B1", "-x", *paths]).stdout
     return int(out.splitlines()[-1].split()[0])
+
+
+def image_bytes(vm: Machine, ref: str) -> int | None:
+    """The image's size as podman sees it (`podman image inspect`: its layers, uncompressed), from
+    any store the guest's podman reads (the bootc store is an additional one); None when none
+    holds it (a direct install before set-unified)."""
+    got = vm.run(["podman", "image", "inspect", "--format", "{{.Size}}", ref], check=False)
+    return int(got.stdout.strip()) if got.ok and got.stdout.strip().isdigit() else None
+
+
+def disk_figures(vm: Machine, ref: str | None = None) -> dict[str, int]:
+    """The disk figures the qualification report charts, for a step's facts: `image_bytes`
+    (podman's view of `ref`, default the booted image), and from harness.diskuse in the guest
+    (each inode and each physical extent once, so hardlinks and reflinks count once):
+    `bootc_store_bytes` (BOOTC_STORE), `repository_extra_bytes` (what REPO adds to the store) and
+    `plain_copy_bytes` (REPO's files with nothing shared: what a plain copy would take)."""
+    ref = ref or entry_image(status(vm)["status"]["booted"])
+    ship(vm)
+    got: dict[str, int] = json.loads(run_module(vm, "diskuse", BOOTC_STORE, REPO, timeout=900))
+    size = image_bytes(vm, ref) if ref else None
+    return {**({"image_bytes": size} if size is not None else {}), **got}
 
 
 def status(vm: Machine) -> dict[str, Any]:

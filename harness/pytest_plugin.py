@@ -1,4 +1,8 @@
-"""pytest plugin: tiers, the `--fs` selection, loop filesystems that always get cleaned up.
+"""The qualification product's pytest plugin: the `--fs` and `--scenarios` selection (`fs_kind`
+parametrization, @pytest.mark.fs / @pytest.mark.sample), `require()`, the session's build-cache
+prune and the local `registry` the VM scenarios push their images to. The fixtures only our own
+storage tests use (loop filesystems, sysroot, bootc store, test images, `run_cli`) are in
+testsupport.plugin.
 
 In CI (`CI=true`) a missing prerequisite fails the test; elsewhere it skips with the reason.
 """
@@ -6,23 +10,13 @@ In CI (`CI=true`) a missing prerequisite fails the test; elsewhere it skips with
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
 import pytest
 
-from harness.loopfs import KINDS, LoopFs, missing_prerequisites
-
-if TYPE_CHECKING:
-    from bootc_unified.imgstore import ImageStore
+from harness.loopfs import KINDS
 from harness.registry import Registry
 from harness.registry import missing_prerequisites as registry_missing
-from harness.testimages import TestImages, build_and_push
-from harness.testimages import missing_prerequisites as testimages_missing
 
 
 def in_ci() -> bool:
@@ -103,44 +97,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("fs_kind", kinds)
 
 
-LoopFsFactory = Callable[..., LoopFs]
-
-
-@pytest.fixture
-def loopfs_factory(tmp_path: Path) -> Iterator[LoopFsFactory]:
-    """Make loop filesystems on demand: factory(kind, name=None, size=...). All unmounted at teardown."""
-    made: list[LoopFs] = []
-    counter = iter(range(1_000_000))
-
-    def factory(kind: str, name: str | None = None, size: int | None = None) -> LoopFs:
-        require(missing_prerequisites((kind,)), f"a loop {kind} filesystem")
-        fs = LoopFs.create(
-            kind,
-            tmp_path / "loopfs",
-            name=name or f"{kind}{next(counter)}",
-            **({"size": size} if size else {}),
-        )
-        made.append(fs)
-        return fs
-
-    yield factory
-    errors = []
-    for fs in reversed(made):
-        try:
-            fs.close()
-        except Exception as e:  # keep cleaning the rest
-            errors.append(e)
-    if errors:
-        raise errors[0]
-
-
-@pytest.fixture
-def loopfs(fs_kind: str, loopfs_factory: LoopFsFactory) -> LoopFs:
-    """A fresh, mounted loop filesystem of the parametrized kind."""
-    return loopfs_factory(fs_kind)
-
-
-# --- local registry and test images (session-scoped, one per xdist worker) ---------------------
+# --- the local registry (session-scoped, one per xdist worker) ---------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -149,55 +106,3 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     require(registry_missing(), "a local registry")
     with Registry.start(tmp_path_factory.mktemp("registry")) as reg:
         yield reg
-
-
-CLI = [sys.executable, "-m", "bootc_unified"]
-
-
-def run_cli(
-    *args: str | os.PathLike[str], check: bool = True, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run `bootc-unified ARGS...` from this interpreter's environment, capturing text output."""
-    proc = subprocess.run(
-        [*CLI, *map(str, args)], capture_output=True, text=True, env={**os.environ, **(env or {})}
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"bootc-unified {' '.join(map(str, args))} failed: {proc.stderr.strip()}")
-    return proc
-
-
-@pytest.fixture(scope="session")
-def test_images(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> TestImages:
-    """The images of images/testimages/, built with buildah and pushed (gzip and zstd) to `registry`."""
-    require(testimages_missing(), "building test images")
-    return build_and_push(registry.address, tmp_path_factory.mktemp("testimages"))
-
-
-def mounts_under(path: Path) -> list[str]:
-    with open("/proc/self/mounts") as f:
-        points = [line.split()[1] for line in f]
-    return [p for p in points if p.startswith(f"{path}/") or p == str(path)]
-
-
-@pytest.fixture
-def sysroot(loopfs: LoopFs) -> Iterator[Path]:
-    """An empty sysroot on the parametrized loop filesystem; afterwards, podman must have left no
-    mounts in its bootc image store (they are cleaned up either way)."""
-    from bootc_unified.imgstore import STORE_SUBPATH, ImageStore
-
-    require([] if shutil.which("podman") else ["podman not found"], "the bootc image store")
-    root = loopfs.path / "sysroot"
-    root.mkdir()
-    yield root
-    store = ImageStore(root / STORE_SUBPATH)
-    leaked = mounts_under(store.root)
-    store.cleanup_runtime()
-    assert not leaked, f"podman left mounts in the bootc store: {leaked}"
-
-
-@pytest.fixture
-def bootc_store(sysroot: Path) -> ImageStore:
-    """The bootc-owned containers-storage under `sysroot`, created."""
-    from bootc_unified.imgstore import ImageStore
-
-    return ImageStore.ensure(sysroot)

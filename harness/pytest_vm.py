@@ -9,7 +9,9 @@ Fixtures (the `registry` fixture and `fs_kind` parametrization come from harness
     installed_disk_factory(variant, fs, unified): an overlay over the cached *installed* system
                    (harness.installed: `install to-disk` in an installer VM on a cache miss)
 
-Options: --vm-backend libvirt|qemu|mixed (mixed: XFS on plain QEMU, the others on libvirt, so one
+Options: --user-image REF / --user-update-image REF (a user's image standing in for v1 / v2,
+harness.userimages; scenarios skip their image-specific checks for it), --vm-backend
+libvirt|qemu|mixed (mixed: XFS on plain QEMU, the others on libvirt, so one
 run proves both backends without extra boots), --accel auto|kvm|tcg, --keep-vm-on-failure
 (leaves the VM running and prints how to SSH in), --vm-artifacts DIR (default artifacts/vm).
 Per test, DIR/<test>/ gets the console log, the guest journal, and the domain XML or QEMU command
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import disks, installed
+from harness import disks, installed, userimages
 from harness.disks import BaseDisk, build_base_disk, overlay
 from harness.images import GuestImage, ImageBuilder
 from harness.pytest_plugin import require
@@ -56,7 +58,9 @@ MIXED = {"btrfs": "libvirt", "ext4": "libvirt", "xfs": "qemu"}
 GUEST_MEMORY_MIB = 2048
 
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
-_MACHINES = pytest.StashKey[list[Machine]]()
+# a test's machines (vm_factory's), for hooks that look at them: the --keep-vm-on-failure hint,
+# harness.qualify.plugin's status evidence and boot timings
+MACHINES = pytest.StashKey[list[Machine]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -82,6 +86,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--vm-artifacts", default=None, help="per-test VM artifacts directory (default artifacts/vm)"
     )
+    group.addoption(
+        "--user-image",
+        metavar="REF",
+        default=None,
+        help="a user's image (derived from our base) standing in for v1 where a scenario takes one",
+    )
+    group.addoption(
+        "--user-update-image",
+        metavar="REF",
+        default=None,
+        help="a user's image standing in for v2 (the update) where a scenario takes one",
+    )
 
 
 # --- reports, so fixtures know whether their test failed ------------------------------------------
@@ -94,7 +110,7 @@ def pytest_runtest_makereport(
     report = yield
     item.stash.setdefault(_REPORTS, {})[report.when] = report
     if report.when == "call" and report.failed and item.config.getoption("--keep-vm-on-failure"):
-        for machine in item.stash.get(_MACHINES, []):
+        for machine in item.stash.get(MACHINES, []):
             if machine.is_running():
                 report.sections.append(("kept VM", kept_vm_hint(machine)))
     return report
@@ -130,20 +146,39 @@ def ssh_keypair() -> KeyPair:
     return ensure_keypair()
 
 
+# the variants a user's image can stand in for (--user-image, --user-update-image)
+USER_VARIANTS = {"--user-image": "v1", "--user-update-image": "v2"}
+
+
 @dataclass
 class GuestImages:
-    """guest_image("v1") builds (or reuses) a variant; push() puts it into a registry once per session."""
+    """guest_image("v1") builds (or reuses) a variant, or names the user's image standing in for it
+    (`users`, harness.userimages); push() puts it into a registry once per session. Disks to boot
+    (installer VMs, smoke) are always made from the built-in images (`builtin`)."""
 
     builder: ImageBuilder
+    users: dict[str, userimages.UserImage] = field(default_factory=dict)
     _built: dict[str, GuestImage] = field(default_factory=dict)
     # (registry, reference) -> (image ID pushed there, pushed reference): a tag that now holds
     # another image (v2 pushed as the tag v1 had) is pushed again when v1 is asked for
     _pushed: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
 
     def __call__(self, variant: str) -> GuestImage:
+        user = self.users.get(variant)
+        if user is not None:
+            key = f"user-{user.image_id[:16]}"
+            return GuestImage(variant, user.ref, user.image_id, key, user.layers, 0.0)
+        return self.builtin(variant)
+
+    def builtin(self, variant: str) -> GuestImage:
+        """The built-in image of `variant`, whatever a user's image stands in for it."""
         if variant not in self._built:
             self._built[variant] = self.builder.build(variant)
         return self._built[variant]
+
+    def is_user(self, variant: str) -> bool:
+        """Whether a user's image stands in for `variant`: its image-specific checks do not apply."""
+        return variant in self.users
 
     def push(self, variant: str, registry: Registry, reference: str | None = None) -> str:
         """Push `variant` to `registry` (as `reference`, default bootc-unified/<variant>:latest)
@@ -153,7 +188,12 @@ class GuestImages:
         key = (registry.address, reference or image.repository() + ":latest")
         pushed = self._pushed.get(key)
         if pushed is None or pushed[0] != image.image_id:
-            pushed = (image.image_id, self.builder.push(image, registry.address, reference))
+            user = self.users.get(variant)
+            if user is not None:
+                target = reference or image.repository() + ":latest"
+                pushed = (image.image_id, userimages.copy(user, registry.address, target))
+            else:
+                pushed = (image.image_id, self.builder.push(image, registry.address, reference))
             self._pushed[key] = pushed
         return guest_reference(pushed[1])
 
@@ -172,10 +212,23 @@ def images_missing() -> list[str]:
     ]
 
 
+def user_images(config: pytest.Config) -> dict[str, userimages.UserImage]:
+    """The user's images named by --user-image / --user-update-image, by the variant they replace."""
+    users = {}
+    for option, variant in USER_VARIANTS.items():
+        ref = config.getoption(option, default=None)
+        if ref:
+            try:
+                users[variant] = userimages.inspect(str(ref))
+            except userimages.UserImageError as e:
+                pytest.fail(f"{option}: {e}", pytrace=False)
+    return users
+
+
 @pytest.fixture(scope="session")
-def guest_image(ssh_keypair: KeyPair) -> GuestImages:
+def guest_image(ssh_keypair: KeyPair, pytestconfig: pytest.Config) -> GuestImages:
     require(images_missing() + ([] if os.geteuid() == 0 else ["root"]), "guest images")
-    return GuestImages(ImageBuilder(public_key=ssh_keypair.public))
+    return GuestImages(ImageBuilder(public_key=ssh_keypair.public), user_images(pytestconfig))
 
 
 # --- per test: disks and VMs ------------------------------------------------------------------------
@@ -196,12 +249,13 @@ DiskFactory = Callable[[str, str], Disk]
 
 @pytest.fixture
 def disk_factory(guest_image: GuestImages, tmp_path: Path) -> DiskFactory:
-    """disk_factory(variant, fs): a fresh overlay over the cached base disk of that image and fs."""
+    """disk_factory(variant, fs): a fresh overlay over the cached base disk of that built-in image
+    and fs (a user's image standing in for the variant is installed, never booted as a disk)."""
     counter = iter(range(1_000_000))
 
     def factory(variant: str, fs: str) -> Disk:
         require(disks.missing_prerequisites(fs), f"a {fs} guest disk")
-        base = build_base_disk(guest_image.builder, guest_image(variant), fs)
+        base = build_base_disk(guest_image.builder, guest_image.builtin(variant), fs)
         return Disk(base, overlay(base, tmp_path / "disks" / f"{variant}-{fs}-{next(counter)}.qcow2"))
 
     return factory
@@ -223,14 +277,15 @@ def _require_backend(backend: str) -> None:
         require(libvirtd_mod.missing_prerequisites(), "the libvirt VM backend")
 
 
-def _slug(nodeid: str) -> str:
+def slug(nodeid: str) -> str:
+    """A test's artifacts directory name: its node id with anything but [A-Za-z0-9_.-] as `_`."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid).strip("_")[-120:]
 
 
 def artifacts_dir(request: pytest.FixtureRequest) -> Path:
     option = request.config.getoption("--vm-artifacts")
     root = Path(option) if option else Path(request.config.rootpath) / "artifacts" / "vm"
-    return root / _slug(request.node.nodeid)
+    return root / slug(request.node.nodeid)
 
 
 VmFactory = Callable[..., Machine]
@@ -244,7 +299,7 @@ def vm_factory(
     disks appear as /dev/vdb, ...); destroyed at teardown (kept running with --keep-vm-on-failure
     when the test failed). Artifacts are saved either way."""
     machines: list[Machine] = []
-    request.node.stash[_MACHINES] = machines
+    request.node.stash[MACHINES] = machines
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
 
     def factory(

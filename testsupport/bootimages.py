@@ -26,11 +26,11 @@ from bootc_unified.importer import layer_content_id
 from bootc_unified.repository import Repository, splitstream
 from harness.checks import all_extents_shared, fiemap
 from harness.loopfs import LoopFs
-from harness.pytest_plugin import run_cli
 from harness.run import run
 from harness.scratchpodman import ScratchPodman
 from harness.testimages import Buildah
 from harness.treecompare import Snapshot, snapshot_dir
+from testsupport.plugin import run_cli
 
 KVER = "6.1.0-bootc-test"
 VERSION_ANNOTATION = "org.opencontainers.image.version"

@@ -32,8 +32,8 @@ from bootc_unified.deploy import bls
 from bootc_unified.deploy.sysroot import Esp
 from bootc_unified.imgstore import ImageStore
 from bootc_unified.repository.refs import links_under, object_id_of
-from harness.pytest_plugin import CLI, run_cli
 from harness.scratchpodman import ScratchPodman, unmount_under
+from testsupport.plugin import CLI, run_cli
 
 CRASH_ENV = "BOOTC_UNIFIED_CRASH_AT"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "crash"

@@ -20,9 +20,9 @@ from pathlib import Path
 from bootc_unified.erofs.mount import mounted
 from bootc_unified.importer import layer_content_id
 from bootc_unified.repository import Repository
-from harness.pytest_plugin import run_cli
 from harness.treecompare import Snapshot, differences, snapshot_dir
 from testsupport.cstore_fixtures import StoreDirs
+from testsupport.plugin import run_cli
 from testsupport.tarlayer import TarEntry, entry, make_tar
 
 # The bottom layer of every crafted image: a directory with a file, a file, a symlink.

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from rich.console import Console
 from rich.live import Live
 
+from harness import userimages
 from harness.qualify import events, report, results
 from harness.qualify.progress import Progress, clock
 from harness.qualify.scenarios import (
@@ -34,6 +35,7 @@ from harness.qualify.scenarios import (
     UnknownScenario,
     covered,
     resolve,
+    taking,
 )
 from harness.vm import libvirtd
 
@@ -49,8 +51,14 @@ scenarios (default: {", ".join(DEFAULT)}):
   A name a scenario covers selects it: {", ".join(sorted(covered()))}.
 
 images: the scenarios run on the built-in test images (images/guest: a Debian trixie base with
-  this checkout's bootc-unified). --image/--update-image name your own images, derived from our
-  base (they contain our package); not supported yet.
+  this checkout's bootc-unified). --image REF qualifies your own image instead of v1 in the
+  scenarios that take one (the default with --image: {", ".join(s.name for s in taking("v1"))}). It must be
+  derived from our base (FROM the built-in v1 image: it has our package and the harness's SSH
+  key). It is copied with skopeo into the run's test registry under the name the scenario
+  installs; the generic checks run (boots from composefs, status JSON, zero-copy, podman run
+  <booted image>), the ones about the built-in image's own files do not. REF is a skopeo
+  reference (docker:// by default; containers-storage:, oci:, ...). --update-image REF (the image
+  to update to) is taken by: {", ".join(s.name for s in taking("v2")) or "no scenario yet"}.
 
 exit status: 0 every scenario passed; 1 a scenario failed; 2 usage; 3 the harness could not run
   a scenario (skipped for a missing prerequisite, interrupted, no scenario collected).
@@ -73,6 +81,8 @@ class Options:
     workers: int
     keep_vm_on_failure: bool
     output: Path
+    image: str | None = None  # --image: a user's image standing in for v1
+    update_image: str | None = None  # --update-image: ... for v2
 
 
 def parser() -> argparse.ArgumentParser:
@@ -95,8 +105,10 @@ def parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="scenario to run (repeatable or comma-separated; `all` for every one; default: the list below)",
     )
-    p.add_argument("--image", metavar="REF", help="the OS image to qualify (not supported yet, see below)")
-    p.add_argument("--update-image", metavar="REF", help="the image to update to (not supported yet)")
+    p.add_argument(
+        "--image", metavar="REF", help="your OS image to qualify, derived from our base (see images below)"
+    )
+    p.add_argument("--update-image", metavar="REF", help="your image to update to (see images below)")
     p.add_argument(
         "--backend",
         choices=("libvirt", "qemu"),
@@ -129,19 +141,30 @@ def _split(values: list[str] | None) -> list[str]:
 def parse(argv: Sequence[str]) -> Options:
     """Options from the command line; UsageError (one line) for what cannot run."""
     args = parser().parse_args(argv)
-    for flag, value in (("--image", args.image), ("--update-image", args.update_image)):
-        if value is not None:
-            raise UsageError(
-                f"{flag} {value}: not supported yet: the VM scenarios run on the built-in test images only"
-            )
     filesystems = _split(args.fs) or list(FILESYSTEMS)
     unknown = [fs for fs in filesystems if fs not in FILESYSTEMS]
     if unknown:
         raise UsageError(f"--fs {unknown[0]}: unknown filesystem; choose from {', '.join(FILESYSTEMS)}")
+    users = {v: ref for v, ref in (("v1", args.image), ("v2", args.update_image)) if ref is not None}
+    default = list(DEFAULT)
+    if users:  # the default set: what takes every image given
+        default = [s.name for s in SCENARIOS if set(users) <= set(s.user_images)]
     try:
-        scenarios = resolve(_split(args.scenario) or list(DEFAULT))
+        scenarios = resolve(_split(args.scenario) or default)
     except UnknownScenario as e:
         raise UsageError(f"--scenario: {e}") from None
+    flags = {"v1": "--image", "v2": "--update-image"}
+    for variant, ref in users.items():
+        if not taking(variant):
+            raise UsageError(f"{flags[variant]} {ref}: no scenario takes {flags[variant]} yet")
+    for variant, ref in users.items():
+        builtin = [s.name for s in scenarios if variant not in s.user_images]
+        if builtin:
+            takers = ", ".join(s.name for s in taking(variant))
+            raise UsageError(
+                f"{flags[variant]} {ref}: scenario {', '.join(builtin)} runs on the built-in images only; "
+                f"{flags[variant]} is taken by: {takers}"
+            )
     runnable = [s for s in scenarios if set(s.filesystems) & set(filesystems)]
     if not runnable:
         names = ", ".join(f"{s.name} ({'/'.join(s.filesystems)})" for s in scenarios)
@@ -162,7 +185,19 @@ def parse(argv: Sequence[str]) -> Options:
         workers=args.workers,
         keep_vm_on_failure=args.keep_vm_on_failure,
         output=args.output.absolute(),
+        image=args.image,
+        update_image=args.update_image,
     )
+
+
+def check_images(opts: Options) -> None:
+    """The user's images can be read (skopeo inspect), before any VM starts."""
+    for flag, ref in (("--image", opts.image), ("--update-image", opts.update_image)):
+        if ref is not None:
+            try:
+                userimages.inspect(ref)
+            except userimages.UserImageError as e:
+                raise UsageError(f"{flag}: {e}") from None
 
 
 def check_libvirt_uri(uri: str) -> None:
@@ -203,6 +238,10 @@ def pytest_args(opts: Options) -> list[str]:
         args += ["--vm-backend", opts.backend]
     if opts.keep_vm_on_failure:
         args.append("--keep-vm-on-failure")
+    if opts.image:
+        args += ["--user-image", opts.image]
+    if opts.update_image:
+        args += ["--user-update-image", opts.update_image]
     if opts.workers > 1:
         args += ["-n", str(opts.workers)]
     return args
@@ -292,6 +331,7 @@ def main(argv: Sequence[str] | None = None, project: Path = PROJECT, console: Co
     console = console or Console(stderr=True)
     try:
         opts = parse(sys.argv[1:] if argv is None else argv)
+        check_images(opts)
         prepare_output(opts.output)
     except UsageError as e:
         print(f"bootc-unified-qualify: {e}", file=sys.stderr)
@@ -316,6 +356,7 @@ def main(argv: Sequence[str] | None = None, project: Path = PROJECT, console: Co
         scenarios=[s.name for s in opts.scenarios],
         backend=opts.backend or "mixed",
         workers=opts.workers,
+        images={v: ref for v, ref in (("v1", opts.image), ("v2", opts.update_image)) if ref},
     )
     doc = results.build(events.read_all(opts.output / "events.jsonl"), opts.output, info)
     tmp = opts.output / ".results.json.tmp"

@@ -17,12 +17,15 @@ from __future__ import annotations
 import json
 from collections.abc import Generator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from harness.qualify import events
 from harness.qualify.scenarios import fs_of
+
+if TYPE_CHECKING:
+    from harness.vm import Machine
 
 PROPERTY = "qualify"
 STATUS_TIMEOUT = 120.0  # seconds for `status` in a guest that may be in trouble
@@ -45,9 +48,9 @@ def _is_controller(config: pytest.Config) -> bool:
 
 def artifacts_path(root: Path, nodeid: str) -> Path:
     """A test's VM artifacts directory under `root`, as harness.pytest_vm.artifacts_dir names it."""
-    from harness.pytest_vm import _slug
+    from harness.pytest_vm import slug
 
-    return root / _slug(nodeid)
+    return root / slug(nodeid)
 
 
 def artifacts_dir(config: pytest.Config, nodeid: str) -> Path:
@@ -55,11 +58,11 @@ def artifacts_dir(config: pytest.Config, nodeid: str) -> Path:
     return artifacts_path(Path(option) if option else Path(config.rootpath) / "artifacts" / "vm", nodeid)
 
 
-def _machines(item: pytest.Item) -> list[Any]:
-    from harness import pytest_vm
+def _machines(item: pytest.Item) -> list[Machine]:
+    from harness.pytest_vm import MACHINES
 
-    key = getattr(pytest_vm, "_MACHINES", None)
-    return list(item.stash.get(key, [])) if key is not None else []
+    machines: list[Machine] = item.stash.get(MACHINES, [])
+    return list(machines)
 
 
 # --- where the tests run ---------------------------------------------------------------------------

@@ -3,9 +3,10 @@ rendered with jinja2 from results.json's model (harness.qualify.results), never 
 
 Sections: the filesystem x scenario matrix (outcome, wall time, boots, P5), boot and reboot times,
 per filesystem a bar chart of the disk figures the step records give ("not measured" for the
-rest), and per failure the phase and step, the assertion, links to the evidence (relative paths
-into the output directory: console log, journal, status JSON, domain XML or QEMU command line) and
-a command that reproduces just that scenario.
+rest; per scenario that measures them: image bytes, bootc store, repository extra and what a
+plain copy would cost, each in its colour), and per failure the phase and step, the assertion,
+links to the evidence (relative paths into the output directory: console log, journal, status
+JSON, domain XML or QEMU command line) and a command that reproduces just that scenario.
 """
 
 from __future__ import annotations
@@ -24,6 +25,16 @@ BAR_HEIGHT = 18
 BAR_GAP = 8
 
 
+# bar colour by the figure's kind (results.DiskMetric.kind); the rest DEFAULT_COLOR
+COLORS = {
+    "image_bytes": "#8a8a8a",
+    "bootc_store_bytes": "#4a7fc1",
+    "repository_extra_bytes": "#2e9e5b",
+    "plain_copy_bytes": "#c4603b",
+}
+DEFAULT_COLOR = "#6f8fb8"
+
+
 @dataclass(frozen=True)
 class Bar:
     label: str
@@ -31,6 +42,7 @@ class Bar:
     source: str
     y: int
     width: int  # 0 when not measured
+    color: str
 
 
 @dataclass(frozen=True)
@@ -60,7 +72,9 @@ def chart(fs: str, metrics: list[DiskMetric]) -> Chart:
     bars = []
     for i, m in enumerate(metrics):
         width = round(span * m.bytes / top) if (m.bytes is not None and m.bytes > 0 and top) else 0
-        bars.append(Bar(m.label, human_bytes(m.bytes), m.source, i * (BAR_HEIGHT + BAR_GAP), max(width, 0)))
+        y = i * (BAR_HEIGHT + BAR_GAP)
+        color = COLORS.get(m.kind, DEFAULT_COLOR)
+        bars.append(Bar(m.label, human_bytes(m.bytes), m.source, y, max(width, 0), color))
     return Chart(fs, CHART_WIDTH, len(bars) * (BAR_HEIGHT + BAR_GAP), LABEL_WIDTH, bars)
 
 

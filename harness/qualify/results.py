@@ -7,7 +7,8 @@ machines' boot-to-SSH and reboot seconds, the scenario's step records (`*-steps.
 harness.lifecycle.Steps: per step wall seconds, boots, disk used, facts) and `timings.json` where
 the scenario writes them, the evidence files (relative to the output directory), the failure, and
 P5 = wall / (boots x bare boot-to-SSH), the bare boot measured by this run's smoke scenario on the
-same filesystem. Per filesystem: the disk-use figures the step records give ("not measured" =
+same filesystem. Per filesystem: the disk-use figures the step records give (per scenario that
+measures them: image bytes, bootc store, repository extra, plain copy cost; "not measured" =
 None). The HTML report renders this document and nothing else.
 """
 
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.qualify.plugin import artifacts_path
-from harness.qualify.scenarios import FILESYSTEMS, fs_of, owner
+from harness.qualify.scenarios import FILESYSTEMS, SCENARIOS, fs_of, owner
 from harness.vm import console
 
 VERSION = 1
@@ -84,6 +85,7 @@ class DiskMetric:
     label: str
     bytes: int | None  # None: not measured by this run
     source: str  # which scenario step and fact it comes from
+    kind: str = ""  # the fact's key (image_bytes, bootc_store_bytes, ...): the chart colours by it
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ class RunInfo:
     scenarios: list[str]
     backend: str
     workers: int
+    images: dict[str, str] = field(default_factory=dict)  # variant -> a user's image standing in
 
 
 @dataclass(frozen=True)
@@ -326,37 +329,72 @@ def _boot_times(fs: str, results: list[Result]) -> BootTimes:
     )
 
 
-# What the step records can say about disk use, in the order the report draws them: (label,
-# scenario or None for any, the fact's key). A scenario that records one of these keys in a step's
-# facts gets it charted; the rest are shown as "not measured".
-DISK_FACTS: tuple[tuple[str, str | None, str], ...] = (
-    ("image bytes", None, "image_bytes"),
-    ("bootc store", None, "bootc_store_bytes"),
-    ("repository extra", None, "repository_extra_bytes"),
+# The figures a scenario measures into a step's facts (harness.lifecycle.disk_figures: install,
+# set-unified and lifecycle do), in the order the report draws them: (label, the fact's key).
+FIGURES: tuple[tuple[str, str], ...] = (
+    ("image bytes", "image_bytes"),
+    ("bootc store", "bootc_store_bytes"),
+    ("repository extra", "repository_extra_bytes"),
+    ("plain copy cost", "plain_copy_bytes"),
+)
+# Figures one scenario records under its own key: (label, scenario, the fact's key).
+SCENARIO_FACTS: tuple[tuple[str, str, str], ...] = (
     ("second store's extra (set-unified: root fs growth)", "set-unified", "added"),
-    ("plain copy cost", None, "plain_copy_bytes"),
     ("freed by GC of v1 (lifecycle)", "lifecycle", "du_drop"),
 )
 
 
-def _fact(results: list[Result], scenario: str | None, key: str) -> tuple[int, str] | None:
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _fact(results: list[Result], scenario: str, key: str) -> tuple[int, str] | None:
     for r in results:
-        if scenario is not None and r.scenario != scenario:
+        if r.scenario != scenario:
             continue
         for step in r.steps:
-            value = step.get("facts", {}).get(key)
-            if isinstance(value, int) and not isinstance(value, bool):
+            value = _int(step.get("facts", {}).get(key))
+            if value is not None:
                 return value, f"{r.scenario}: step '{step.get('name')}', {key}"
     return None
 
 
+def figures_step(result: Result) -> dict[str, Any] | None:
+    """The scenario's last step whose facts carry any of FIGURES."""
+    found = [s for s in result.steps if any(_int(s.get("facts", {}).get(k)) is not None for _, k in FIGURES)]
+    return found[-1] if found else None
+
+
 def disk_use(results: list[Result]) -> list[DiskMetric]:
-    """One filesystem's disk figures from its scenarios' step records."""
+    """One filesystem's disk figures from its scenarios' step records: FIGURES per scenario that
+    measured them (its last such step), or once as "not measured"; SCENARIO_FACTS; the root
+    filesystem's used bytes after each scenario's last step."""
+    order = {s.name: i for i, s in enumerate(SCENARIOS)}
     metrics = []
-    for label, scenario, key in DISK_FACTS:
+    for r in sorted(results, key=lambda r: order.get(r.scenario, len(order))):
+        step = figures_step(r)
+        if step is None:
+            continue
+        for label, key in FIGURES:
+            metrics.append(
+                DiskMetric(
+                    f"{r.scenario}: {label}",
+                    _int(step.get("facts", {}).get(key)),
+                    f"{r.scenario}: step '{step.get('name')}', {key}",
+                    kind=key,
+                )
+            )
+    if not metrics:
+        where = "install, set-unified or lifecycle: a step fact"
+        metrics = [DiskMetric(label, None, f"{where} {key}", kind=key) for label, key in FIGURES]
+    for label, scenario, key in SCENARIO_FACTS:
         found = _fact(results, scenario, key)
-        where = f"{scenario or 'any scenario'}: a step fact {key}"
-        metrics.append(DiskMetric(label, found[0], found[1]) if found else DiskMetric(label, None, where))
+        where = f"{scenario}: a step fact {key}"
+        metrics.append(
+            DiskMetric(label, found[0], found[1], kind=key)
+            if found
+            else DiskMetric(label, None, where, kind=key)
+        )
     for r in results:  # the root filesystem after each scenario's last step (df -B1 /sysroot)
         used = [s for s in r.steps if isinstance(s.get("disk_used"), int) and s["disk_used"] >= 0]
         if used:
@@ -366,6 +404,7 @@ def disk_use(results: list[Result]) -> list[DiskMetric]:
                     f"root fs used after {r.scenario}",
                     last["disk_used"],
                     f"{r.scenario}: step '{last.get('name')}', disk_used (df -B1 /sysroot)",
+                    kind="disk_used",
                 )
             )
     return metrics

@@ -35,6 +35,9 @@ class Scenario:
     filesystems: tuple[str, ...] = FILESYSTEMS  # where it runs (an @pytest.mark.fs narrows it)
     expected_seconds: float = 300.0  # per filesystem, TCG
     qualify: bool = False  # in the default set of `bootc-unified-qualify`
+    # the built-in images a user's image can stand in for here (v1: --image, v2: --update-image);
+    # the scenario then skips its checks specific to the built-in image
+    user_images: tuple[str, ...] = ()
 
     def owns(self, nodeid: str) -> bool:
         """Whether a collected test (`file::function[param]`) belongs to this scenario."""
@@ -60,6 +63,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         covers=("install", "status"),
         expected_seconds=600,
         qualify=True,
+        user_images=("v1",),
     ),
     Scenario(
         "lifecycle",
@@ -169,6 +173,11 @@ def resolve(names: Iterable[str]) -> list[Scenario]:
                 )
             wanted.update(owners)
     return [s for s in SCENARIOS if s.name in wanted]
+
+
+def taking(variant: str) -> list[Scenario]:
+    """The scenarios a user's image can stand in for `variant` in (v1: --image, v2: --update-image)."""
+    return [s for s in SCENARIOS if variant in s.user_images]
 
 
 def covered() -> set[str]:

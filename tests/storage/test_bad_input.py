@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness.loopfs import LoopFs
-from harness.pytest_plugin import CLI, run_cli
+from testsupport.plugin import CLI, run_cli
 
 pytestmark = pytest.mark.storage
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from bootc_unified.erofs.reader import referenced_objects
-from harness.pytest_plugin import require, run_cli
+from harness.pytest_plugin import require
 from harness.registry import Registry
 from harness.testimages import Buildah, push
 from harness.testimages import missing_prerequisites as images_missing
@@ -45,6 +45,7 @@ from testsupport.bootimages import (
     install,
     listing,
 )
+from testsupport.plugin import run_cli
 
 pytestmark = pytest.mark.storage
 

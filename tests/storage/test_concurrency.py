@@ -29,7 +29,7 @@ from bootc_unified.imgstore import ImageStore
 from bootc_unified.importer import image_ref_name
 from bootc_unified.repository.refs import object_id_of
 from harness.loopfs import LoopFs
-from harness.pytest_plugin import CLI, require, run_cli
+from harness.pytest_plugin import require
 from harness.registry import Registry
 from harness.run import run
 from harness.scratchpodman import ScratchPodman
@@ -37,6 +37,7 @@ from harness.testimages import Buildah, push
 from harness.testimages import missing_prerequisites as images_missing
 from testsupport import bootimages as ti
 from testsupport.crashcheck import Sandbox, Tally, invariants, store_digests
+from testsupport.plugin import CLI, run_cli
 from testsupport.proclocks import holds_lock, wait_until_blocked
 
 pytestmark = pytest.mark.storage

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import pytest
 
 from harness.loopfs import KINDS, LoopFs
-from harness.pytest_plugin import require, run_cli
+from harness.pytest_plugin import require
 from harness.registry import Registry
 from harness.run import run
 from harness.testimages import Buildah, push
@@ -48,6 +48,7 @@ from testsupport.crashcheck import (
     run_killed,
     store_digests,
 )
+from testsupport.plugin import run_cli
 
 pytestmark = pytest.mark.storage
 

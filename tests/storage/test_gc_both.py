@@ -23,7 +23,7 @@ import pytest
 from bootc_unified.deploy.lbi import bound_images_of_erofs, pull_bound_images
 from bootc_unified.imgstore import ImageStore
 from bootc_unified.repository import Repository
-from harness.pytest_plugin import require, run_cli
+from harness.pytest_plugin import require
 from harness.registry import Registry
 from harness.run import run
 from harness.scratchpodman import ScratchPodman
@@ -31,6 +31,7 @@ from harness.testimages import Buildah, push
 from harness.testimages import missing_prerequisites as images_missing
 from harness.treecompare import differences
 from testsupport import bootimages as ti
+from testsupport.plugin import run_cli
 
 target = ti.target  # the fixture: a loop filesystem with root/ and esp/ directories
 Target = ti.Target

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from harness.loopfs import LoopFs
-from harness.pytest_plugin import LoopFsFactory
 from harness.run import CommandError
 from testsupport.cstore_fixtures import (
     BuiltImage,
@@ -43,6 +42,7 @@ from testsupport.hostile import (
     symlink,
     tar,
 )
+from testsupport.plugin import LoopFsFactory
 from testsupport.tarlayer import entry
 
 pytestmark = pytest.mark.storage

@@ -23,7 +23,6 @@ import pytest
 
 from bootc_unified.imgstore import STORE_SUBPATH, ImageStore
 from harness.loopfs import LoopFs
-from harness.pytest_plugin import run_cli
 from harness.registry import Registry
 from harness.treecompare import differences, snapshot_dir
 from testsupport.cstore_fixtures import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST
@@ -39,6 +38,7 @@ from testsupport.hostile import (
     registry_blob_path,
     tar,
 )
+from testsupport.plugin import run_cli
 from testsupport.tarlayer import entry
 
 pytestmark = pytest.mark.storage

@@ -22,9 +22,9 @@ from bootc_unified.layertree import flatten
 from bootc_unified.repository import Method, Repository, splitstream
 from harness.checks import all_extents_shared, fiemap
 from harness.loopfs import LoopFs
-from harness.pytest_plugin import run_cli
 from harness.testimages import TestImages
 from harness.treecompare import Snapshot, differences, snapshot_dir, snapshot_tree
+from testsupport.plugin import run_cli
 from testsupport.treeadd import sync_fs, tree_bytes, zero_copy_baseline
 
 pytestmark = pytest.mark.storage

@@ -15,10 +15,10 @@ import pytest
 
 from bootc_unified.erofs.mount import mounted
 from harness.loopfs import LoopFs
-from harness.pytest_plugin import run_cli
 from harness.run import CommandError
 from harness.treecompare import differences, snapshot_dir
 from testsupport.cstore_fixtures import BuiltImage, StoreDirs, copy_into_store, make_store_dirs, release_store
+from testsupport.plugin import run_cli
 from testsupport.tarlayer import entry, make_tar
 
 pytestmark = [pytest.mark.storage, pytest.mark.fs("xfs")]

@@ -17,9 +17,10 @@ import pytest
 
 from bootc_unified.imgstore import ImageStore
 from harness.loopfs import LoopFs
-from harness.pytest_plugin import require, run_cli
+from harness.pytest_plugin import require
 from harness.testimages import TestImages
 from harness.treecompare import Snapshot, differences, snapshot_dir
+from testsupport.plugin import run_cli
 
 pytestmark = pytest.mark.storage
 

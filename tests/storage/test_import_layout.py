@@ -21,7 +21,6 @@ import pytest
 
 from harness.checks import all_extents_shared
 from harness.loopfs import LoopFs
-from harness.pytest_plugin import LoopFsFactory
 from testsupport.cstore_fixtures import (
     BuiltImage,
     StoreDirs,
@@ -31,6 +30,7 @@ from testsupport.cstore_fixtures import (
     write_oci_layout,
 )
 from testsupport.hostile import BASE, assert_as_podman, assert_refused, directory, import_cli, init_repo, tar
+from testsupport.plugin import LoopFsFactory
 from testsupport.tarlayer import entry
 
 pytestmark = pytest.mark.storage

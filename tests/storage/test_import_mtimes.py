@@ -20,8 +20,8 @@ import pytest
 from bootc_unified.imgstore import ImageStore
 from bootc_unified.repository import Repository
 from harness.loopfs import LoopFs
-from harness.pytest_plugin import run_cli
 from harness.treecompare import differences, snapshot_dir
+from testsupport.plugin import run_cli
 
 pytestmark = pytest.mark.storage
 

@@ -24,7 +24,7 @@ import pytest
 
 from bootc_unified.importer import image_ref_name
 from harness.loopfs import LoopFs
-from harness.pytest_plugin import require, run_cli
+from harness.pytest_plugin import require
 from harness.registry import Registry
 from harness.run import run
 from harness.scratchpodman import ScratchPodman
@@ -55,6 +55,7 @@ from testsupport.bootimages import (
     sub_snapshot,
     the_entry,
 )
+from testsupport.plugin import run_cli
 
 pytestmark = pytest.mark.storage
 

@@ -21,10 +21,10 @@ from bootc_unified.importer import layer_content_id
 from bootc_unified.repository import Repository, splitstream
 from harness.checks import all_extents_shared, fiemap
 from harness.loopfs import LoopFs
-from harness.pytest_plugin import run_cli
 from harness.pytest_vm import GuestImages
 from harness.registry import Registry
 from harness.treecompare import differences, snapshot_dir
+from testsupport.plugin import run_cli
 from testsupport.treeadd import sync_fs, tree_bytes, zero_copy_baseline
 
 pytestmark = [pytest.mark.storage, pytest.mark.slow]

@@ -9,7 +9,7 @@ import pytest
 
 from bootc_unified.repository import Repository
 from harness.loopfs import LoopFs
-from harness.pytest_plugin import CLI, run_cli
+from testsupport.plugin import CLI, run_cli
 from testsupport.proclocks import wait_until_blocked
 
 pytestmark = pytest.mark.storage

@@ -16,7 +16,7 @@ import pytest
 
 from harness.checks import all_extents_shared, fiemap, nlink, physical_ranges, same_inode
 from harness.loopfs import LoopFs
-from harness.pytest_plugin import LoopFsFactory, run_cli
+from testsupport.plugin import LoopFsFactory, run_cli
 
 pytestmark = pytest.mark.storage
 

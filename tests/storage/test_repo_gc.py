@@ -12,9 +12,9 @@ from bootc_unified.erofs.mount import mounted
 from bootc_unified.imgstore import ImageStore
 from bootc_unified.importer import image_ref_name
 from harness.loopfs import LoopFs
-from harness.pytest_plugin import run_cli
 from harness.testimages import TestImages
 from harness.treecompare import differences, snapshot_dir
+from testsupport.plugin import run_cli
 
 pytestmark = pytest.mark.storage
 

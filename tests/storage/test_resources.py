@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.pytest_plugin import require, run_cli
+from harness.pytest_plugin import require
 from harness.registry import Registry
 from harness.run import run
 from harness.testimages import Buildah, push
@@ -53,6 +53,7 @@ from testsupport.bootimages import (
     listing,
     podman_on,
 )
+from testsupport.plugin import run_cli
 
 pytestmark = pytest.mark.storage
 

@@ -27,7 +27,7 @@ import pytest
 from bootc_unified.cstorage import Store
 from bootc_unified.imgstore import ImageStore
 from harness.checks import all_extents_shared, fiemap
-from harness.pytest_plugin import require, run_cli
+from harness.pytest_plugin import require
 from harness.registry import Registry, free_port
 from harness.run import run
 from harness.scratchpodman import ScratchPodman
@@ -36,6 +36,7 @@ from harness.testimages import missing_prerequisites as images_missing
 from harness.treecompare import differences
 from harness.zerocopy_audit import audit
 from testsupport import bootimages as ti
+from testsupport.plugin import run_cli
 
 pytestmark = pytest.mark.storage
 target = ti.target  # the fixture: a loop filesystem with root/ and esp/ directories

@@ -30,12 +30,13 @@ from bootc_unified.deploy.staged import StagedMarker
 from bootc_unified.deploy.sysroot import Esp, Sysroot
 from bootc_unified.errors import UserError
 from harness.loopfs import LoopFs
-from harness.pytest_plugin import require, run_cli
+from harness.pytest_plugin import require
 from harness.registry import Registry
 from harness.run import run
 from harness.testimages import Buildah, push
 from harness.testimages import missing_prerequisites as images_missing
 from testsupport.bootimages import KVER, blob
+from testsupport.plugin import run_cli
 
 pytestmark = pytest.mark.storage
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from bootc_unified.deploy.sysroot import mounts
-from harness.pytest_plugin import require, run_cli
+from harness.pytest_plugin import require
 from harness.registry import Registry
 from harness.run import run
 from harness.testimages import Buildah, push
@@ -43,6 +43,7 @@ from testsupport.bootimages import (
     podman_on,
     status,
 )
+from testsupport.plugin import run_cli
 
 pytestmark = pytest.mark.storage
 

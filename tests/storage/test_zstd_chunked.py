@@ -36,12 +36,13 @@ from bootc_unified.importer import import_image, layer_content_id
 from bootc_unified.repository import Repository, splitstream
 from harness import chunked
 from harness.loopfs import LoopFs
-from harness.pytest_plugin import require, run_cli
+from harness.pytest_plugin import require
 from harness.registry import Registry
 from harness.registry import missing_prerequisites as registry_missing
 from harness.run import run
 from harness.testimages import missing_prerequisites as images_missing
 from harness.zerocopy_audit import audit
+from testsupport.plugin import run_cli
 
 pytestmark = pytest.mark.storage
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from harness.qualify import cli, results
-from harness.qualify.scenarios import BY_NAME, DEFAULT, FILESYSTEMS
+from harness.qualify.scenarios import BY_NAME, DEFAULT, FILESYSTEMS, taking
 from harness.vm import libvirtd
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -40,6 +40,13 @@ def test_defaults(tmp_path: Path) -> None:
     assert value(args, "--qualify-events") == str(tmp_path / "out" / "events.jsonl")
     assert "harness.qualify.plugin" in args
     assert "-n" not in args and "--vm-backend" not in args and "--keep-vm-on-failure" not in args
+
+
+def test_a_users_image_selects_the_scenarios_that_take_it(tmp_path: Path) -> None:
+    opts, args = args_of("--image", "quay.io/x/os:1", "--fs", "ext4", tmp_path=tmp_path)
+    assert [s.name for s in opts.scenarios] == [s.name for s in taking("v1")] == ["install"]
+    assert value(args, "--user-image") == "quay.io/x/os:1" and "--user-update-image" not in args
+    assert [a for a in args if a.startswith("tests/")] == list(BY_NAME["install"].nodes)
 
 
 def test_filesystems_repeatable_or_comma_separated_in_registry_order(tmp_path: Path) -> None:
@@ -91,8 +98,15 @@ def test_libvirt_uri_goes_to_the_libvirt_backend(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("argv", "words"),
     [
-        (["--image", "quay.io/x/os:1"], "--image quay.io/x/os:1: not supported yet"),
-        (["--update-image", "quay.io/x/os:2"], "--update-image quay.io/x/os:2: not supported yet"),
+        (
+            ["--update-image", "quay.io/x/os:2"],
+            "--update-image quay.io/x/os:2: no scenario takes --update-image",
+        ),
+        (
+            ["--image", "quay.io/x/os:1", "--scenario", "install,lifecycle"],
+            "scenario lifecycle runs on the built-in images only; --image is taken by: install",
+        ),
+        (["--image", "docker://127.0.0.1:1/none:1"], "--image: image docker://127.0.0.1:1/none:1: "),
         (["--fs", "zfs"], "--fs zfs: unknown filesystem"),
         (["--scenario", "upgrade-everything"], "unknown scenario 'upgrade-everything'"),
         (["--fs", "xfs", "--scenario", "boot-composefs"], "no selected scenario runs on xfs"),

@@ -23,7 +23,7 @@ import pytest
 from rich.console import Console
 
 from harness.pytest_plugin import require
-from harness.qualify import cli, results
+from harness.qualify import cli, report, results
 from harness.qualify.results import Results
 
 FIXTURES = Path(__file__).parent / "fixtures" / "qualify"
@@ -76,6 +76,12 @@ def test_set_unified_vm(fs_kind, request):
     d = evidence(request, 1)
     shutil.copy(FIXTURES / "set-unified-steps.json", d / "set-unified-steps.json")
 """,
+    "test_install.py": """
+def test_install_to_disk(fs_kind, request):
+    d = evidence(request, 2)
+    if fs_kind == "ext4":  # the disk figures on one filesystem; XFS shows them "not measured"
+        shutil.copy(FIXTURES / "install-steps.json", d / "install-steps.json")
+""",
     "test_zstd_chunked_vm.py": """
 def test_zstd_chunked_partial_pull_and_import(fs_kind):
     pytest.skip("podman >= 5.3 not found (a prerequisite)")
@@ -92,7 +98,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str]:
     for name, body in SCENARIOS.items():
         (project / "tests" / "vm" / name).write_text(COMMON + body)
     output = tmp_path_factory.mktemp("qualify") / "out"
-    argv = ["--fs", "ext4,xfs", "--scenario", "smoke,lifecycle,set-unified,zstd-chunked", "-n", "2"]
+    argv = ["--fs", "ext4,xfs", "--scenario", "smoke,install,lifecycle,set-unified,zstd-chunked", "-n", "2"]
     buffer = StringIO()
     console = Console(file=buffer, width=200, force_terminal=False)
     with pytest.MonkeyPatch.context() as env:  # the real build cache is not this run's to prune
@@ -124,7 +130,7 @@ def test_results_agree_with_junit(run: tuple[Path, int, str], doc: Results) -> N
         name = f"{case.get('classname')}::{case.get('name')}"
         kinds = {child.tag for child in case} & {"failure", "error", "skipped"}
         junit[name] = kinds.pop() if kinds else "passed"
-    assert len(junit) == len(doc.results) == 8
+    assert len(junit) == len(doc.results) == 10
     mapping = {"passed": "passed", "failure": "failed", "error": "error", "skipped": "skipped"}
     for r in doc.results:
         name = r.nodeid.split("::")[-1]
@@ -153,6 +159,17 @@ def test_results_from_the_records(doc: Results) -> None:
     disk = {m.label: m.bytes for m in doc.disk["xfs"]}
     assert disk["second store's extra (set-unified: root fs growth)"] == added
     assert disk["image bytes"] is None and disk["plain copy cost"] is None
+    # install's figures on ext4, from its step that measured them (harness.lifecycle.disk_figures)
+    install = json.loads((FIXTURES / "install-steps.json").read_text())["steps"]
+    (measured,) = [s for s in install if "bootc_store_bytes" in s["facts"]]
+    ext4 = {m.label: m for m in doc.disk["ext4"]}
+    for label, key in results.FIGURES:
+        got = ext4[f"install: {label}"]
+        assert (got.bytes, got.kind) == (measured["facts"][key], key), got
+        assert f"step '{measured['name']}'" in got.source
+    assert "image bytes" not in ext4  # measured: no "not measured" placeholder
+    facts = measured["facts"]
+    assert 0 < facts["repository_extra_bytes"] < facts["plain_copy_bytes"] // 2 < facts["bootc_store_bytes"]
     assert Results.from_json(doc.to_json()) == doc
 
 
@@ -249,11 +266,21 @@ def test_failure_links_resolve(dom: Dom, run: tuple[Path, int, Any]) -> None:
     assert (output / kinds["definition"]).read_text().startswith("<domain")
 
 
-def test_chart_and_self_contained(dom: Dom, run: tuple[Path, int, Any]) -> None:
+def test_chart_and_self_contained(dom: Dom, run: tuple[Path, int, Any], doc: Results) -> None:
     charts = {e[1]["data-fs"]: e for e in dom.find("svg") if "data-fs" in e[1]}
     assert set(charts) == {"ext4", "xfs"}
     xfs = text(charts["xfs"])
     assert "10.6 MB" in xfs and "not measured" in xfs, xfs
     assert dom.find("rect"), "no bars drawn"
+    # ext4: install's four figures drawn, each bar in its colour, longest = the largest figure
+    ext4 = text(charts["ext4"])
+    figures = {m.kind: m.bytes for m in doc.disk["ext4"] if m.label.startswith("install: ")}
+    for label, key in results.FIGURES:
+        assert f"install: {label}" in ext4 and report.human_bytes(figures[key]) in ext4, ext4
+    inside = [e for e in dom.elements if e[0] == "rect"]
+    widths = {e[1]["fill"]: int(e[1]["width"]) for e in inside if e[1]["fill"] in report.COLORS.values()}
+    assert set(widths) == set(report.COLORS.values()), widths
+    by_width = sorted(report.COLORS, key=lambda k: widths[report.COLORS[k]])
+    assert by_width == sorted(figures, key=lambda k: figures[k] or 0), (widths, figures)
     html = (run[0] / "report.html").read_text()
     assert "<script" not in html and "http://" not in html and "https://" not in html

@@ -17,8 +17,9 @@ import pytest
 
 from bootc_unified import verity
 from bootc_unified.verity import HashAlg
-from harness.pytest_plugin import require, run_cli
+from harness.pytest_plugin import require
 from harness.vm import verity_checks
+from testsupport.plugin import run_cli
 
 
 def kernel_has_fsverity() -> bool | None:

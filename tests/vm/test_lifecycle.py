@@ -46,6 +46,7 @@ from harness.lifecycle import (
     Steps,
     after_boot,
     all_names,
+    disk_figures,
     du_bytes,
     entry_id,
     expect_status,
@@ -147,6 +148,7 @@ def test_lifecycle(
         v1_store_ids = [i for i, names in store_names(vm, BOOTC_STORE).items() if OS in names]
         assert len(v1_store_ids) == 1, store_names(vm, BOOTC_STORE)
         vm.run("echo 'setting = local' > /etc/bootc-unified/local.conf")
+        facts.update(disk_figures(vm, OS))  # the report's disk chart: v1 installed unified
 
     # 1. upgrade v1 -> v2 ------------------------------------------------------------------------------
     with steps.step("upgrade (stage v2)") as facts:
@@ -320,5 +322,6 @@ def test_lifecycle(
         assert out == "derived\n", out
         out = vm.run(["podman", "run", "--rm", ALT_COPY, "cat", VERSION_FILE]).stdout
         assert out == alt_copy_version, out
+        facts.update(disk_figures(vm, OS))  # the report's disk chart: after the lifecycle and its GC
     print(json.dumps([(r.name, r.seconds, r.boots, r.disk_used) for r in steps.records]))
     vm.poweroff()

@@ -13,7 +13,8 @@ session's registry where os:latest is v1):
 - v2 pushed as os:latest (a userspace-only change: same kernel, initramfs and kargs);
   `upgrade --apply --soft-reboot=auto` says `Pull path: unified` and soft-reboots: same boot_id,
   SoftRebootsCount + 1, v2 booted with v1 as rollback, then every after-boot check.
-Per step: wall seconds, boots, disk used -> artifacts/vm/<test>/set-unified-steps.json.
+Per step: wall seconds, boots, disk used -> artifacts/vm/<test>/set-unified-steps.json; after
+set-unified also the report's disk figures (harness.lifecycle.disk_figures).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from harness.lifecycle import (
     after_boot,
     apply_and_reconnect,
     df_used,
+    disk_figures,
     entry_id,
     expect_status,
     objects,
@@ -81,6 +83,7 @@ def test_set_unified_vm(
         facts.update(after_boot(vm, fs, set(), booted=OS))  # podman run works; all objects shared
         doc = expect_status(vm, booted=OS)
         assert doc["status"]["booted"]["unified"] is True, doc["status"]["booted"]
+        facts.update(disk_figures(vm, OS))  # the report's disk chart: the store, deduped
 
     with steps.step("upgrade --soft-reboot=auto to v2") as facts:
         guest_image.push("v2", registry, REFERENCES["v2"])
