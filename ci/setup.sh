@@ -9,7 +9,7 @@ venv=${BOOTC_UNIFIED_VENV:-$here/.venv}
 packages=(
     podman buildah skopeo runc uidmap docker-registry busybox-static openssh-client
     btrfs-progs xfsprogs e2fsprogs dosfstools fdisk mtools util-linux
-    fsverity erofs-utils
+    fsverity erofs-utils ostree
     qemu-system-x86 qemu-utils ovmf systemd-boot-efi mmdebstrap
     libvirt-daemon-system libvirt-clients libxml2-utils libvirt-dev pkg-config
     python3 python3-venv python3-dev gcc

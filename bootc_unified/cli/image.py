@@ -10,6 +10,7 @@
     image copy-from-host IMAGE
     image dropin [--output FILE]
     image set-unified [--tls-verify true|false] [--progress-fd N] [--format humanreadable|json]
+                      [--backend composefs|ostree]
                                 the booted image into the store (registry by digest, else rebuilt
                                 from the repository), its files sharing data with the repository
 
@@ -92,6 +93,13 @@ def register(sub: Any) -> None:
     su.add_argument("--progress-fd", type=int, metavar="N", help="write bootc progress JSON lines to fd N")
     su.add_argument("--format", choices=["humanreadable", "json"], default="humanreadable")
     su.add_argument("--mountinfo", type=Path, default=None, help=argparse.SUPPRESS)
+    su.add_argument(
+        "--backend",
+        choices=["composefs", "ostree"],
+        default="composefs",
+        help="the sysroot's backend: ostree re-imports the deployed image from the store into "
+        "<sysroot>/ostree/repo and shares the objects' data with the store's files",
+    )
     su.set_defaults(func=_set_unified)
 
 
@@ -192,8 +200,16 @@ def _set_unified(args: argparse.Namespace) -> int:
 
     opts = set_unified_opts(args)
     sink = progress.for_cli(_progress_fd(opts.progress_fd))
+    result: Any
     try:
-        result = set_unified(opts, sink)
+        if args.backend == "ostree":
+            from bootc_unified.ostree.setunified import set_unified as set_unified_ostree
+
+            result = set_unified_ostree(opts.sysroot, opts.tls_verify, opts.authfile, progress=sink)
+            if (warning := result.imported.warning()) is not None:
+                print(warning, file=sys.stderr)
+        else:
+            result = set_unified(opts, sink)
     finally:
         sink.close()
     if args.format == "json":

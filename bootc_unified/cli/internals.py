@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from bootc_unified import verity
 from bootc_unified.errors import UserError
 
-from . import cfs, cstor, deploy
+from . import cfs, cstor, deploy, ostree
 
 if TYPE_CHECKING:
     from bootc_unified.deploy.gc import GcOpts
@@ -28,6 +28,7 @@ def register(sub: Any) -> None:
     _register_verity(groups)
     cfs.register(groups)
     cstor.register(groups)
+    ostree.register(groups)
     deploy.register_internals(groups)
     _register_gc(groups)
 
