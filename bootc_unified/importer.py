@@ -1,11 +1,11 @@
 """Import an image from a containers-storage into the composefs repository, sharing file data.
 
 For each layer not already present: a splitstream `oci-layer-<diffid>` whose tar headers and padding
-are inline and whose file contents over 64 bytes are objects added with ensure_object_from_file from
-the layer's diff/ (reflink, else hardlink, else copy); the stream's sha256 must equal the DiffID or
-nothing is published. Then the config stream (named refs: DiffID -> layer stream, and
-`composefs.image` -> the EROFS image), the manifest stream (named ref: config digest -> config
-stream), and last the ref `streams/refs/oci/<escaped name>`.
+are inline and whose file contents over 64 bytes are objects made from the layer's diff/ files
+(reflink, else hardlink, else copy); each diff file is read once, for the stream's sha256 (which
+must equal the DiffID or nothing is published) and its CRC-64. Then the config stream (named refs:
+DiffID -> layer stream, and `composefs.image` -> the EROFS image), the manifest stream (named ref:
+config digest -> config stream), and last the ref `streams/refs/oci/<escaped name>`.
 """
 
 from __future__ import annotations
@@ -13,22 +13,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from bootc_unified import faults
 from bootc_unified.cstorage import Image, Layer, Segment, Store, read_entries
-from bootc_unified.cstorage.reassemble import LayerDigestMismatch, StreamHasher, entry_content_path
+from bootc_unified.cstorage.reassemble import (
+    LayerDigestMismatch,
+    StreamHasher,
+    entry_content_path,
+    open_entry,
+)
 from bootc_unified.cstorage.tarsplit import FileEntry
+from bootc_unified.digestpool import DigestPool, FileDigest
 from bootc_unified.erofs.tree import INLINE_MAX  # contents up to this size stay inline
 from bootc_unified.errors import UserError
 from bootc_unified.repository import ObjectResult, Repository, escape_ref, splitstream
 from bootc_unified.repository.refs import object_id_of
 from bootc_unified.repository.stats import ImportStats
+from bootc_unified.verity import Digester
 
 IMPORT_WORKERS = min(4, (os.cpu_count() or 1) + 1)
+# Below this many bytes of large files, worker processes cost more to start than they save.
+DIGEST_POOL_MIN_BYTES = 32 << 20
 IMAGE_REF = "composefs.image"
 
 
@@ -72,8 +80,11 @@ class ImportResult:
 def import_layer(repo: Repository, layer: Layer, stats: ImportStats, zerocopy: bool) -> str:
     """Write the layer's splitstream (verified against its DiffID) and return the stream's object ID.
 
-    Objects are added by a small thread pool running ahead of the stream (reflink, verity and
-    hashing all release the GIL); the stream, the sha256 over it and the CRC checks stay in order.
+    Each diff file is opened and read once, in stream order, for the sha256 of the tar stream (the
+    DiffID check), its CRC-64 against tar-split, and its inline bytes (small files). Large files
+    become objects: in an insecure repository from that same fd, named by a userspace digest that
+    worker processes compute ahead (a DigestPool; in this thread for a small layer); with fs-verity
+    by a few threads running ahead, the kernel hashing in the ioctls.
     """
     label = layer.label
     layer.check_complete()
@@ -81,7 +92,7 @@ def import_layer(repo: Repository, layer: Layer, stats: ImportStats, zerocopy: b
         raise UserError(f"layer {label}: diff directory {layer.diff_path} is missing")
     base = os.fsencode(layer.diff_path)
     items: list[Segment | tuple[FileEntry, bytes, str]] = []
-    large: list[tuple[Path, str]] = []
+    large: list[tuple[bytes, int]] = []
     for entry in read_entries(layer.tar_split_path, label):
         if isinstance(entry, Segment):
             items.append(entry)
@@ -92,31 +103,18 @@ def import_layer(repo: Repository, layer: Layer, stats: ImportStats, zerocopy: b
         path = entry_content_path(base, entry, where)
         items.append((entry, path, where))
         if entry.size > INLINE_MAX:
-            large.append((Path(os.fsdecode(path)), where))
+            large.append((path, entry.size))
 
     writer = splitstream.Writer(repo.alg, splitstream.OCI_LAYER)
     hasher = StreamHasher(None)
-    pool = ThreadPoolExecutor(max_workers=IMPORT_WORKERS)
-    try:
-        added = pool.map(lambda item: _add_object(repo, item[0], item[1], zerocopy), large)
-        for item in items:
-            if isinstance(item, Segment):
-                writer.write_inline(item.data)
-                hasher.segment(item.data)
-                continue
-            entry, path, where = item
-            if entry.size <= INLINE_MAX:
-                writer.write_inline(_read_small(path, entry.size, where))
-            else:
-                result = next(added)
-                if result.size != entry.size:
-                    raise UserError(f"{where}: diff file is {result.size} bytes, tar-split says {entry.size}")
-                stats.record(result)
-                writer.write_external(result.object_id, entry.size)
-            hasher.file(path, entry, where)  # sha256 for the DiffID check, CRC-64 against tar-split
-            faults.point("import-layer-entry")
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # on an error, add no further objects
+    if repo.insecure:
+        if sum(size for _, size in large) >= DIGEST_POOL_MIN_BYTES:
+            with DigestPool(repo.alg) as digests:
+                _stream_insecure(repo, items, digests.map(large), writer, hasher, stats, zerocopy)
+        else:
+            _stream_insecure(repo, items, None, writer, hasher, stats, zerocopy)
+    else:
+        _stream_verity(repo, items, large, writer, hasher, stats, zerocopy)
     digest = "sha256:" + hasher.sha.hexdigest()
     if digest != layer.diff_id:
         raise LayerDigestMismatch(
@@ -126,23 +124,97 @@ def import_layer(repo: Repository, layer: Layer, stats: ImportStats, zerocopy: b
     return repo.write_stream(layer_content_id(layer.diff_id), writer.finish())
 
 
-def _add_object(repo: Repository, path: Path, where: str, zerocopy: bool) -> ObjectResult:
-    """ensure_object_from_file, its one-line error prefixed with the layer and tar-split entry."""
-    try:
-        return repo.ensure_object_from_file(path, zerocopy=zerocopy)
-    except UserError as e:
-        raise UserError(f"{where}: {e}") from e
+def _stream_insecure(
+    repo: Repository,
+    items: list[Segment | tuple[FileEntry, bytes, str]],
+    digests: Iterator[FileDigest | None] | None,
+    writer: splitstream.Writer,
+    hasher: StreamHasher,
+    stats: ImportStats,
+    zerocopy: bool,
+) -> None:
+    """The stream in order, every object added from the fd its bytes were just hashed from; object
+    IDs from `digests` (one per large file, in order), else digested here from the same buffers."""
+    for item in items:
+        if isinstance(item, Segment):
+            writer.write_inline(item.data)
+            hasher.segment(item.data)
+            continue
+        entry, path, where = item
+        shown = os.fsdecode(path)
+        fd, st = open_entry(path, entry, where)
+        try:
+            if entry.size <= INLINE_MAX:
+                data = bytearray()
+                hasher.file_fd(fd, shown, entry, where, keep=data)
+                writer.write_inline(data)
+            else:
+                pooled = next(digests) if digests is not None else None
+                digester = Digester(repo.alg) if digests is None else None
+                hasher.file_fd(fd, shown, entry, where, digester=digester)
+                digest = pooled
+                if digester is not None:
+                    digest = FileDigest(
+                        digester.finish(), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+                    )
+                try:
+                    result = repo.objects.ensure_object_from_fd(fd, st, path, zerocopy, digest)
+                except UserError as e:
+                    raise UserError(f"{where}: {e}") from e
+                stats.record(result)
+                writer.write_external(result.object_id, entry.size)
+        finally:
+            os.close(fd)
+        faults.point("import-layer-entry")
 
 
-def _read_small(path: bytes, size: int, where: str) -> bytes:
+def _stream_verity(
+    repo: Repository,
+    items: list[Segment | tuple[FileEntry, bytes, str]],
+    large: list[tuple[bytes, int]],
+    writer: splitstream.Writer,
+    hasher: StreamHasher,
+    stats: ImportStats,
+    zerocopy: bool,
+) -> None:
+    """The stream in order; objects added by a small thread pool running ahead (reflink and the
+    kernel's verity hashing release the GIL)."""
+    pool = ThreadPoolExecutor(max_workers=IMPORT_WORKERS)
     try:
-        with open(path, "rb") as f:
-            data = f.read(size + 1)
-    except OSError as e:
-        raise UserError(f"{where}: diff file {os.fsdecode(path)}: {e.strerror}") from e
-    if len(data) != size:
-        raise UserError(f"{where}: diff file {os.fsdecode(path)} is {len(data)} bytes, tar-split says {size}")
-    return data
+        added = pool.map(lambda item: _add_object(repo, item[0], zerocopy), large)
+        for item in items:
+            if isinstance(item, Segment):
+                writer.write_inline(item.data)
+                hasher.segment(item.data)
+                continue
+            entry, path, where = item
+            fd, _st = open_entry(path, entry, where)
+            try:
+                if entry.size <= INLINE_MAX:
+                    data = bytearray()
+                    hasher.file_fd(fd, os.fsdecode(path), entry, where, keep=data)
+                    writer.write_inline(data)
+                else:
+                    hasher.file_fd(fd, os.fsdecode(path), entry, where)
+                    try:
+                        result = next(added)
+                    except UserError as e:
+                        raise UserError(f"{where}: {e}") from e
+                    if result.size != entry.size:
+                        raise UserError(
+                            f"{where}: diff file is {result.size} bytes, tar-split says {entry.size}"
+                        )
+                    stats.record(result)
+                    writer.write_external(result.object_id, entry.size)
+            finally:
+                os.close(fd)
+            faults.point("import-layer-entry")
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on an error, add no further objects
+
+
+def _add_object(repo: Repository, path: bytes, zerocopy: bool) -> ObjectResult:
+    return repo.ensure_object_from_file(path, zerocopy=zerocopy)
 
 
 def raw_manifest(store: Store, image: Image) -> bytes:

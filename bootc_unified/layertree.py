@@ -137,8 +137,11 @@ class Flattener:
         node = self.root
         for i, part in enumerate(parts[:-1]):
             child = node.entries.get(part)
+            if isinstance(child, Directory):  # the common case: no path to build
+                node = child
+                continue
             path = b"/".join(parts[: i + 1])
-            if create and not isinstance(child, Directory) and path not in self._layer_paths:
+            if create and path not in self._layer_paths:
                 child = node.entries[part] = Directory(mode=DEFAULT_DIR_MODE)
                 self._layer_paths.add(path)
             if child is None:

@@ -75,6 +75,21 @@ class _Tree:
             buf.clear()
             level += 1
 
+    def add_level0(self, hashes: bytes) -> None:
+        """Concatenated hashes of consecutive data blocks (level 0), folded a full block at a time."""
+        buf = self._levels[0]
+        buf += hashes
+        full = len(buf) - len(buf) % BLOCK_SIZE
+        if not full:
+            return
+        view = memoryview(buf)
+        try:
+            for off in range(0, full, BLOCK_SIZE):
+                self.add_hash(1, self._h(view[off : off + BLOCK_SIZE]).digest())
+        finally:
+            view.release()
+        del buf[:full]
+
     def add_data_block(self, block: bytes | memoryview) -> None:
         self.add_hash(0, self._h(block).digest())
 
@@ -121,26 +136,42 @@ def digest_bytes(data: bytes, alg: HashAlg = HashAlg.SHA512) -> bytes:
 
 def _digest_chunks(chunks: Iterable[bytes], alg: HashAlg) -> bytes:
     """Digest data arriving in chunks whose sizes are multiples of BLOCK_SIZE (the last may not be)."""
-    tree = _Tree(alg)
-    h = alg.hasher()
-    add = tree.add_hash
-    size = 0
-    pending = b""
+    digester = Digester(alg)
     for chunk in chunks:
-        if pending:
-            chunk = pending + chunk
-            pending = b""
-        size_full = len(chunk) - len(chunk) % BLOCK_SIZE
+        digester.update(chunk)
+    return digester.finish()
+
+
+class Digester:
+    """The digest of data fed in pieces of any size (whole blocks are hashed straight from them)."""
+
+    def __init__(self, alg: HashAlg) -> None:
+        self.alg = alg
+        self._tree = _Tree(alg)
+        self._h = alg.hasher()
+        self._pending = b""
+        self.size = 0
+
+    def update(self, chunk: bytes | bytearray | memoryview) -> None:
+        if self._pending:
+            chunk = self._pending + bytes(chunk)
+            self._pending = b""
         view = memoryview(chunk)
-        for off in range(0, size_full, BLOCK_SIZE):
-            add(0, h(view[off : off + BLOCK_SIZE]).digest())
-        if size_full < len(chunk):
-            pending = bytes(view[size_full:])
-        size += size_full
-    if pending:
-        size += len(pending)
-        tree.add_data_block(pending.ljust(BLOCK_SIZE, b"\0"))
-    return _finish(alg, tree, size)
+        size_full = len(view) - len(view) % BLOCK_SIZE
+        h = self._h
+        self._tree.add_level0(
+            b"".join([h(view[o : o + BLOCK_SIZE]).digest() for o in range(0, size_full, BLOCK_SIZE)])
+        )
+        if size_full < len(view):
+            self._pending = bytes(view[size_full:])
+        self.size += size_full
+
+    def finish(self) -> bytes:
+        size = self.size
+        if self._pending:
+            size += len(self._pending)
+            self._tree.add_data_block(self._pending.ljust(BLOCK_SIZE, b"\0"))
+        return _finish(self.alg, self._tree, size)
 
 
 def _pread_chunks(fd: int) -> Iterator[bytes]:

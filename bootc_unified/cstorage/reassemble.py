@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from bootc_unified.errors import UserError
+from bootc_unified.verity import Digester
 
 from .store import Layer
 from .tarsplit import FileEntry, Segment, TarSplitError, crc64_iso, read_entries
@@ -62,7 +63,9 @@ def content_path(diff_dir: bytes, name: bytes) -> bytes:
     parts = name_parts(name)
     if not parts:
         raise ValueError(f"unsafe entry name {name!r}: it names the root")
-    return os.path.join(diff_dir, *parts)
+    if not diff_dir:
+        return b"/".join(parts)
+    return b"/".join([diff_dir.rstrip(b"/"), *parts])  # os.path.join, without its per-part checks
 
 
 def entry_content_path(diff_dir: bytes, entry: FileEntry, where: str) -> bytes:
@@ -90,44 +93,73 @@ class StreamHasher:
         self.size += len(data)
 
     def file(self, path: bytes, entry: FileEntry, where: str) -> None:
-        shown = os.fsdecode(path)
+        fd, _st = open_entry(path, entry, where)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise UserError(f"{where}: diff file {shown} is missing") from None
-        except OSError as e:
-            raise UserError(f"{where}: diff file {shown}: {e.strerror}") from e
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise UserError(f"{where}: diff file {shown} is not a regular file")
-            if st.st_size != entry.size:
-                raise UserError(
-                    f"{where}: diff file {shown} is {st.st_size} bytes, tar-split says {entry.size}"
-                )
-            crc: int | None = None
-            remaining = entry.size
-            sha_update = self.sha.update
-            sink = self.sink
-            while remaining:
-                chunk = self.view[: min(remaining, CHUNK)]
-                n = os.readv(fd, [chunk])
-                if n == 0:
-                    raise UserError(f"{where}: diff file {shown} ended {remaining} bytes early")
-                data = chunk[:n]
-                sha_update(data)
-                crc = crc64_iso(data, crc)
-                if sink is not None:
-                    sink.write(data)
-                remaining -= n
+            self.file_fd(fd, os.fsdecode(path), entry, where)
         finally:
             os.close(fd)
+
+    def file_fd(
+        self,
+        fd: int,
+        shown: str,
+        entry: FileEntry,
+        where: str,
+        keep: bytearray | None = None,
+        digester: Digester | None = None,
+    ) -> None:
+        """Stream an opened diff file (from offset 0) into the hash, the CRC-64 check and the sink;
+        its bytes are also appended to `keep` and fed to `digester` when given."""
+        crc: int | None = None
+        remaining = entry.size
+        offset = 0
+        sha_update = self.sha.update
+        sink = self.sink
+        while remaining:
+            chunk = self.view[: min(remaining, CHUNK)]
+            n = os.preadv(fd, [chunk], offset)
+            if n == 0:
+                raise UserError(f"{where}: diff file {shown} ended {remaining} bytes early")
+            data = chunk[:n]
+            sha_update(data)
+            crc = crc64_iso(data, crc)
+            if sink is not None:
+                sink.write(data)
+            if keep is not None:
+                keep += data
+            if digester is not None:
+                digester.update(data)
+            remaining -= n
+            offset += n
         if (
             entry.crc is not None
             and (crc if crc is not None else crc64_iso(b"")).to_bytes(8, "big") != entry.crc
         ):
             raise TarSplitError(f"{where}: CRC-64 of diff file {shown} does not match tar-split")
         self.size += entry.size
+
+
+def open_entry(path: bytes, entry: FileEntry, where: str) -> tuple[int, os.stat_result]:
+    """Open the diff file of a tar-split entry read-only (no symlink followed, no FIFO waited on):
+    a regular file of the entry's size, or a one-line error naming the entry."""
+    shown = os.fsdecode(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise UserError(f"{where}: diff file {shown} is missing") from None
+    except OSError as e:
+        raise UserError(f"{where}: diff file {shown}: {e.strerror}") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise UserError(f"{where}: diff file {shown} is {kind}")
+        if st.st_size != entry.size:
+            raise UserError(f"{where}: diff file {shown} is {st.st_size} bytes, tar-split says {entry.size}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
 
 
 def reassemble_stream(tar_split: Path, diff_dir: Path, label: str, sink: Sink | None) -> Reassembly:

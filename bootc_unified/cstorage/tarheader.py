@@ -109,10 +109,19 @@ def parse_pax(data: bytes) -> dict[str, bytes]:
     return records
 
 
+_ASCII = bytes(range(128))
+
+
 def _checksum_ok(block: bytes) -> bool:
+    """The stored checksum is the sum of the block's bytes (the field itself as spaces), unsigned or,
+    as some old tars wrote it, signed."""
     want = parse_number(block[148:156])
     data = block[:148] + b" " * 8 + block[156:]
-    return want in (sum(data), sum(b - 256 if b > 127 else b for b in data))
+    unsigned = sum(data)
+    if want == unsigned:
+        return True
+    high = len(data.translate(None, _ASCII))  # bytes over 127, each counts 256 less when signed
+    return want == unsigned - 256 * high
 
 
 def _pax_int(pax: dict[str, bytes], key: str, default: int) -> int:

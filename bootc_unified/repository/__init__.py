@@ -16,6 +16,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 from bootc_unified import verity
+from bootc_unified.digestpool import FileDigest
 from bootc_unified.errors import UserError
 from bootc_unified.repository import lock, splitstream
 from bootc_unified.repository.fsck import FsckReport, check_links, check_objects
@@ -105,8 +106,10 @@ class Repository:
     def ensure_object(self, data: bytes) -> ObjectResult:
         return self.objects.ensure_object(data)
 
-    def ensure_object_from_file(self, path: Path, zerocopy: bool = False) -> ObjectResult:
-        return self.objects.ensure_object_from_file(path, zerocopy_only=zerocopy)
+    def ensure_object_from_file(
+        self, path: Path | bytes, zerocopy: bool = False, digest: FileDigest | None = None
+    ) -> ObjectResult:
+        return self.objects.ensure_object_from_file(path, zerocopy_only=zerocopy, digest=digest)
 
     # --- streams, images and their refs ----------------------------------------------------------
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bootc_unified import faults, verity, zerocopy
+from bootc_unified.digestpool import FileDigest
 from bootc_unified.errors import UserError
 from bootc_unified.verity import HashAlg
 
@@ -52,21 +53,31 @@ def open_source(path: Path) -> int:
 
     Opened with O_NOFOLLOW|O_NONBLOCK so neither a symlink nor a FIFO is followed or waited on.
     """
+    return open_source_stat(path)[0]
+
+
+def open_source_stat(path: Path | bytes) -> tuple[int, os.stat_result]:
+    """open_source(), and the fstat of the file it opened."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise UserError(f"{path}: is a symlink; objects are made from regular files") from e
+            raise UserError(f"{_shown(path)}: is a symlink; objects are made from regular files") from e
         if e.errno == errno.ENOENT:
-            raise UserError(f"{path}: no such file") from e
+            raise UserError(f"{_shown(path)}: no such file") from e
         if e.errno in (errno.ENXIO, errno.ENODEV):
-            raise UserError(f"{path}: is not a regular file") from e
-        raise UserError(f"{path}: cannot open: {e.strerror}") from e
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+            raise UserError(f"{_shown(path)}: is not a regular file") from e
+        raise UserError(f"{_shown(path)}: cannot open: {e.strerror}") from e
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise UserError(f"{path}: is {describe_kind(mode)}; objects are made from regular files")
-    return fd
+        kind = describe_kind(st.st_mode)
+        raise UserError(f"{_shown(path)}: is {kind}; objects are made from regular files")
+    return fd, st
+
+
+def _shown(path: Path | bytes) -> str:
+    return os.fsdecode(path) if isinstance(path, bytes) else str(path)
 
 
 _root_fd: int | None = None
@@ -211,30 +222,55 @@ class ObjectStore:
             )
         return result
 
-    def ensure_object_from_file(self, path: Path, zerocopy_only: bool = False) -> ObjectResult:
+    def ensure_object_from_file(
+        self, path: Path | bytes, zerocopy_only: bool = False, digest: FileDigest | None = None
+    ) -> ObjectResult:
         """Store a file's content as an object: reflink, else hardlink, else copy.
 
         Hardlink is taken only on the same filesystem and only where fs-verity can be enabled on the
-        source (or the repository is insecure). With `zerocopy_only`, refuse to copy.
+        source (or the repository is insecure). With `zerocopy_only`, refuse to copy. `digest`: the
+        file's userspace digest computed elsewhere (a DigestPool), used by an insecure repository
+        if it matches the file opened here.
         """
-        src = open_source(path)
+        src, st = open_source_stat(path)
         try:
-            return self._from_fd(src, path, zerocopy_only)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # the repository's filesystem, not the source
-                raise UserError(f"{self.dir}: {e.strerror} (adding {path})") from e
-            raise UserError(f"{path}: {e.strerror or e}") from e
+            return self.ensure_object_from_fd(src, st, path, zerocopy_only, digest)
         finally:
             os.close(src)
 
-    def _from_fd(self, src: int, path: Path, zerocopy_only: bool) -> ObjectResult:
-        st = os.fstat(src)
+    def ensure_object_from_fd(
+        self,
+        src: int,
+        st: os.stat_result,
+        path: Path | bytes,
+        zerocopy_only: bool = False,
+        digest: FileDigest | None = None,
+    ) -> ObjectResult:
+        """ensure_object_from_file() for a regular file the caller opened (read-only) and fstat'ed."""
+        try:
+            return self._from_fd(src, st, path, zerocopy_only, digest)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # the repository's filesystem, not the source
+                raise UserError(f"{self.dir}: {e.strerror} (adding {_shown(path)})") from e
+            raise UserError(f"{_shown(path)}: {e.strerror or e}") from e
+
+    def _from_fd(
+        self, src: int, st: os.stat_result, path: Path | bytes, zerocopy_only: bool, digest: FileDigest | None
+    ) -> ObjectResult:
         size = st.st_size
         # An insecure repository's IDs are userspace digests: take it from the source (whose pages are
-        # likely cached) and skip all work for an object that exists. With fs-verity the kernel
-        # measures the new inode instead.
-        known_id = verity.digest_fd(src, self.alg).hex() if self.insecure else None
-        if known_id is not None and known_id in self:
+        # likely cached), or from a DigestPool's digest of this very file, and skip all work for an
+        # object that exists. With fs-verity the kernel measures the new inode instead.
+        known_id: str | None = None
+        if self.insecure:
+            if digest is not None and digest.matches(st):
+                known_id = digest.digest.hex()
+            else:
+                known_id = verity.digest_fd(src, self.alg).hex()
+        # Where the next step is a hardlink, linkat itself says whether the object exists (one
+        # syscall less per file); before a reflink or a copy, look first.
+        hardlink_next = st.st_dev == self._dev and self._reflink_probe.known_unsupported(st.st_dev, self._dev)
+        if known_id is not None and not hardlink_next and known_id in self:
             return ObjectResult(known_id, Method.PRESENT, size)
 
         if not self._reflink_probe.known_unsupported(st.st_dev, self._dev):
@@ -258,10 +294,11 @@ class ObjectStore:
         if zerocopy_only:
             if st.st_dev != self._dev:
                 raise UserError(
-                    f"{path}: cannot add without copying: it is on another filesystem than the repository"
+                    f"{_shown(path)}: cannot add without copying: it is on another filesystem than the "
+                    "repository"
                 )
             raise UserError(
-                f"{path}: cannot add without copying: the filesystem cannot reflink, and fs-verity "
+                f"{_shown(path)}: cannot add without copying: the filesystem cannot reflink, and fs-verity "
                 "cannot be enabled on the file for a hardlink (the repository is not --insecure)"
             )
         tmp = self._tmpfile()

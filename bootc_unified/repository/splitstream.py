@@ -28,6 +28,7 @@ MAGIC = b"SplitStream"
 HEADER = struct.Struct("<11sBHBBQQ")
 INFO = struct.Struct("<QQQQQQQQQQ")
 CHUNK = struct.Struct("<q")
+_COMPRESS_BATCH = 1 << 20
 
 
 def content_type(tag: bytes) -> int:
@@ -54,6 +55,7 @@ class Writer:
         self.content_type = content_type
         self._compressor = zstandard.ZstdCompressor(level=3).compressobj()
         self._frames: list[bytes] = []
+        self._raw = bytearray()  # chunk records not yet compressed
         self._inline = bytearray()
         self._object_refs: list[bytes] = []
         self._object_index: dict[bytes, int] = {}
@@ -90,7 +92,15 @@ class Writer:
         self._named[name] = index
 
     def _emit(self, data: bytes | bytearray) -> None:
-        out = self._compressor.compress(bytes(data))
+        # Chunks are gathered and compressed a megabyte at a time: one compress call per chunk (two
+        # per file of a layer) cost more than the compression itself.
+        self._raw += data
+        if len(self._raw) >= _COMPRESS_BATCH:
+            self._compress()
+
+    def _compress(self) -> None:
+        out = self._compressor.compress(bytes(self._raw))
+        self._raw.clear()
         if out:
             self._frames.append(out)
 
@@ -102,6 +112,7 @@ class Writer:
 
     def finish(self) -> bytes:
         self._flush_inline()
+        self._compress()
         self._frames.append(self._compressor.flush())
         stream = b"".join(self._frames)
         named = b"".join(f"{i}:{n}\0".encode() for n, i in sorted(self._named.items()))
