@@ -246,13 +246,19 @@ def _status(args: argparse.Namespace) -> int:
     esp = opts.esp or sysroot.default_esp(mountinfo, opts.sysroot)
     booted = sysroot.booted_id(mountinfo)
     cmdline_arg = parse_composefs(read_proc_cmdline()) if opts.mountinfo is None else None
+    try:
+        marker, marker_problem = StagedMarker.read(opts.staged_marker or MARKER), None
+    except UserError as e:  # status still answers, and says so
+        marker, marker_problem = None, f"{e}; ignored (rollback drops it, an update replaces it)"
     report = status.build(
         sysroot.Sysroot(opts.sysroot),
         sysroot.Esp(esp),
         booted,
-        StagedMarker.read(opts.staged_marker or MARKER),
+        marker,
         cmdline_arg.insecure if cmdline_arg else None,
     )
+    if marker_problem:
+        report.problems.insert(0, marker_problem)
     host = status.only_booted(report.host) if opts.booted else report.host
     report = status.StatusReport(host, report.problems)
     if opts.format != "humanreadable":

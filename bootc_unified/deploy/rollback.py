@@ -100,7 +100,7 @@ def rollback(
     if sysroot is not None and not reverted and chosen is not None:
         check_bootable(sysroot, chosen)
     # drop a staged deployment
-    staged = StagedMarker.read(marker)
+    staged = StagedMarker.read_or_none(marker)
     marker.unlink(missing_ok=True)
     if esp.entries_staged.exists():
         shutil.rmtree(esp.entries_staged)

@@ -45,6 +45,15 @@ class StagedMarker:
             raise UserError(f"{path}: not a staged-deployment marker ({e})") from e
         return cls(depl_id, locked)
 
+    @classmethod
+    def read_or_none(cls, path: Path = MARKER) -> StagedMarker | None:
+        """The marker; None when there is none or it is garbled (it names nothing one could
+        keep: for the verbs that replace or drop it, update and rollback)."""
+        try:
+            return cls.read(path)
+        except UserError:
+            return None
+
     def write(self, path: Path = MARKER) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")

@@ -117,6 +117,15 @@ def image_status(
     return ImageStatus(ref, version, timestamp, manifest_digest, architecture), problem
 
 
+def _boot_digest(sysroot: Sysroot, depl_id: str) -> str | None:
+    """The boot digest a deployment's origin records; None when the origin is missing or garbled
+    (its deployment's own entry names that problem)."""
+    try:
+        return Origin.read(sysroot.origin(depl_id)).boot.digest
+    except UserError:
+        return None
+
+
 def _options_key(entry: bls.BlsEntry) -> list[str]:
     from bootc_unified.boot.cmdline import key_value, split_cmdline
 
@@ -188,11 +197,9 @@ def build(
             problems.append(f"deployment {dep.depl_id[:16]}…: {problem}")
         soft = False
         if booted_dep is not None and dep is not booted_dep:
-            booted_origin = sysroot.origin(booted_dep.depl_id)
-            with_digest = booted_origin.exists() and boot_digest is not None
             soft = bool(
-                with_digest
-                and Origin.read(booted_origin).boot.digest == boot_digest
+                boot_digest is not None
+                and _boot_digest(sysroot, booted_dep.depl_id) == boot_digest
                 and _options_key(dep.entry.entry) == _options_key(booted_dep.entry.entry)
             )
         return BootEntry(

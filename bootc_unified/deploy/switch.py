@@ -57,7 +57,8 @@ def run(opts: SwitchOpts, say: Say, progress: Progress | None = None) -> UpdateR
 def _run(opts: SwitchOpts, say: Say, progress: Progress | None) -> UpdateResult | None:
     target = target_ref(opts)
     b = booted(opts.system)
-    if target == b.current.imgref:
+    current = b.staged_or_booted
+    if current is not None and target == current.imgref:
         say("Image specification is unchanged.")
         if opts.apply and b.staged is not None:
             systemctl(opts.system, "reboot")

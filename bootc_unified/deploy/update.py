@@ -101,13 +101,21 @@ class Booted:
     sysroot: Sysroot
     esp: Esp
     depl_id: str
-    origin: Origin
+    origin: Origin | None  # None: unreadable (origin_error says why); switch still works
     staged: StagedMarker | None
     staged_origin: Origin | None  # the staged deployment's, when one is staged
+    origin_error: str = ""
 
     @property
     def current(self) -> Origin:
         """The deployment an update starts from: the staged one if any, else the booted one."""
+        found = self.staged_or_booted
+        if found is None:
+            raise UserError(f"{self.origin_error} (`switch IMAGE` names the image to follow)")
+        return found
+
+    @property
+    def staged_or_booted(self) -> Origin | None:
         return self.staged_origin or self.origin
 
 
@@ -123,12 +131,17 @@ def booted(system: SystemOpts) -> Booted:
     else:
         esp_path = system.esp
     sysroot = Sysroot(system.sysroot)
-    origin = Origin.read(sysroot.origin(depl_id))
-    staged = StagedMarker.read(system.staged_marker)
+    origin: Origin | None = None
+    origin_error = ""
+    try:
+        origin = Origin.read(sysroot.origin(depl_id))
+    except UserError as e:  # garbled or missing: upgrade has nothing to follow, switch goes on
+        origin_error = str(e)
+    staged = StagedMarker.read_or_none(system.staged_marker)  # a garbled one: replaced
     staged_origin = None
     if staged is not None and sysroot.origin(staged.depl_id).exists():
         staged_origin = Origin.read(sysroot.origin(staged.depl_id))
-    return Booted(sysroot, Esp(esp_path), depl_id, origin, staged, staged_origin)
+    return Booted(sysroot, Esp(esp_path), depl_id, origin, staged, staged_origin, origin_error)
 
 
 def label_of(ref: ImageReference) -> str:
@@ -156,11 +169,15 @@ def store_name(ref: ImageReference) -> str | None:
     return None
 
 
-def choose_path(sysroot: Sysroot, booted_origin: Origin, target: ImageReference, force_unified: bool) -> str:
+def choose_path(
+    sysroot: Sysroot, booted_origin: Origin | None, target: ImageReference, force_unified: bool
+) -> str:
     if force_unified:
         return "unified"
-    names = {n for n in (store_name(target), store_name(booted_origin.imgref)) if n}
-    if store_holds(sysroot.store, {booted_origin.image.manifest_digest}, names):
+    refs = [target] if booted_origin is None else [target, booted_origin.imgref]
+    names = {n for n in map(store_name, refs) if n}
+    digests = set() if booted_origin is None else {booted_origin.image.manifest_digest}
+    if store_holds(sysroot.store, digests, names):
         return "unified"
     return "direct"
 
@@ -298,7 +315,10 @@ def inspect_new(b: Booted, new_id: str, label: str, want_soft: bool) -> NewImage
             booted_options = booted_entry(b.esp, b.depl_id).entry.options or ""
             out.options = upgrade_options(booted_options, new_id, old_kargs, new_kargs)
             out.soft_reboot_reason = softreboot.incapable_reason(
-                b.origin.boot.digest, bls.boot_digest(vmlinuz, initramfs), booted_options, out.options
+                b.origin.boot.digest if b.origin else None,
+                bls.boot_digest(vmlinuz, initramfs),
+                booted_options,
+                out.options,
             )
     return out
 

@@ -95,13 +95,16 @@ class System:
         return run_cli("rollback", *self.args(), check=False)
 
     def switch(self, image: str) -> subprocess.CompletedProcess[str]:
+        return self.update("switch", image)
+
+    def update(self, verb: str, *argv: str) -> subprocess.CompletedProcess[str]:
         return run_cli(
-            "switch",
+            verb,
             *self.args(),
             *("--etc", self.t.root / "state/deploy" / self.b / "etc"),
             *("--system-store", self.tmp / "no-system-store", "--no-systemd", "--tls-verify", "false"),
             "--quiet",
-            image,
+            *argv,
             check=False,
         )
 
@@ -189,6 +192,20 @@ def stale_staged_marker(s: System) -> str:
     return f"staged deployment {ghost[:16]}… has no boot entry"
 
 
+def booted_origin_garbage(s: System) -> str:
+    """The booted deployment's .origin garbled: status names it, switch still works (it names its
+    image), upgrade refuses in one line naming the file (it has nothing to follow)."""
+    origin = s.t.root / "state/deploy" / s.b / f"{s.b}.origin"
+    origin.write_bytes(b"[origin]\ncontainer-image-reference=\x00\n")
+    return str(origin)
+
+
+def garbled_staged_marker(s: System) -> str:
+    """A marker that is not JSON: status names it; rollback drops it; an update replaces it."""
+    s.marker.write_bytes(b"\x00not json")
+    return f"{s.marker}: not a staged-deployment marker"
+
+
 @dataclass(frozen=True)
 class Case:
     damage: Callable[[System], str]  # returns what status must name
@@ -204,6 +221,8 @@ CASES = {
     "object-missing": Case(object_missing, rollback_refused=True),
     # nothing is staged: rollback works (and drops the marker), as does switch (replaces it)
     "stale-staged-marker": Case(stale_staged_marker, rollback_refused=False),
+    "garbled-staged-marker": Case(garbled_staged_marker, rollback_refused=False),
+    "booted-origin-garbage": Case(booted_origin_garbage, rollback_refused=False),
 }
 
 
@@ -247,8 +266,10 @@ def test_broken_state(target: Target, brk_images: dict[str, BootImage], tmp_path
 
     # switch: stages v3 beside the booted b; a stays while an entry names it. Its GC removes
     # nothing of the repository when a's image cannot be read (its objects are not known).
-    if case == "stale-staged-marker":
-        stale_staged_marker(s)  # the rollback dropped it: the switch meets it too
+    if case in ("stale-staged-marker", "garbled-staged-marker"):
+        CASES[case].damage(s)  # the rollback dropped it: the switch meets it too
+    if case == "booted-origin-garbage":
+        one_line_error(s.update("upgrade"), named, "switch IMAGE")
     proc = s.switch(imgs["v3"].docker)
     assert proc.returncode == 0, proc.stderr
     assert "Queued for next boot: " in proc.stdout, proc.stdout
@@ -270,9 +291,17 @@ def test_broken_state(target: Target, brk_images: dict[str, BootImage], tmp_path
     s.finalize()
     assert s.menu() == [c, b]
     assert a not in os.listdir(t.root / "state/deploy")
-    s.gc()
-    assert not (t.root / "composefs/images" / a).exists()
+    swept = s.gc()
+    if case == "booted-origin-garbage":  # a live origin unread: what it needs is unknown, GC keeps all
+        assert named in swept.stdout + swept.stderr, swept
+        assert (t.root / "composefs/images" / a).exists()
+    else:
+        assert not (t.root / "composefs/images" / a).exists()
     checked = fsck(t)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     human = s.status("humanreadable")
-    assert human.returncode == 0 and "Problem" not in human.stdout, human.stdout
+    problems = [line for line in human.stdout.splitlines() if line.startswith("Problem: ")]
+    if case == "booted-origin-garbage":  # b is still booted, with its garbled .origin
+        assert len(problems) == 1 and named in problems[0], human.stdout
+    else:
+        assert human.returncode == 0 and problems == [], human.stdout
