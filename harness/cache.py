@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,10 +72,14 @@ _KEYED = re.compile(r"^(?:(?P<group>.+)-)?(?P<key>[0-9a-f]{16})(?P<ext>(?:\.[a-z
 PRUNED = ("disks", "installed", "rootfs")
 
 
-def prune(keep: int = 2, names: tuple[str, ...] = PRUNED) -> list[Path]:
+PRUNE_MIN_AGE = 3 * 3600.0
+
+
+def prune(keep: int = 2, names: tuple[str, ...] = PRUNED, min_age: float = PRUNE_MIN_AGE) -> list[Path]:
     """Delete all but the `keep` newest keys of each group in these cache subdirectories (newest by
-    mtime: when the entry was built); returns what was deleted. A process that has an entry open
-    (a VM on a backing file) keeps reading it; only new users would miss it, and they rebuild it."""
+    mtime: when the entry was built), except keys built within `min_age` seconds; returns what was
+    deleted. The age spares what concurrent runs of other source trees (a developer's worktrees,
+    parallel sessions) are using: a VM restarted on a reboot opens its base disk again."""
     removed = []
     for name in names:
         directory = cache_dir() / name
@@ -88,6 +93,8 @@ def prune(keep: int = 2, names: tuple[str, ...] = PRUNED) -> list[Path]:
         for keys in groups.values():
             newest = sorted(keys, key=lambda k: max(p.stat().st_mtime for p in keys[k]), reverse=True)
             for key in newest[keep:]:
+                if time.time() - max(p.stat().st_mtime for p in keys[key]) < min_age:
+                    continue
                 for path in keys[key]:
                     path.unlink(missing_ok=True)
                     removed.append(path)
