@@ -115,7 +115,22 @@ def _progress_fd(fd: int | None) -> int | None:
     return fd
 
 
+def _store(args: argparse.Namespace) -> imgstore.ImageStore:
+    """The bootc store. podman writes its database even to list images, so a booted system's
+    read-only /sysroot is made writable for this command first (a private remount)."""
+    _writable(args)
+    return imgstore.ImageStore.open(args.sysroot, args.authfile)
+
+
+def _writable(args: argparse.Namespace) -> None:
+    from bootc_unified.deploy.finalize import writable_sysroot
+
+    if Path(args.sysroot).is_dir():  # a missing sysroot: the store's own error names it
+        writable_sysroot(Path(args.sysroot))
+
+
 def _pull(args: argparse.Namespace) -> int:
+    _writable(args)
     sink = progress.for_cli(_progress_fd(args.progress_fd))
     try:
         image = imgstore.pull_into(
@@ -135,7 +150,7 @@ def _pull(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     if args.type is not None:
         return _list_typed(args)
-    images = imgstore.ImageStore.open(args.sysroot, args.authfile).images()
+    images = _store(args).images()
     if args.format == "json":
         print(json.dumps([i.to_json() for i in images], indent=2))
         return 0
@@ -148,11 +163,11 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _exists(args: argparse.Namespace) -> int:
-    return 0 if imgstore.ImageStore.open(args.sysroot, args.authfile).exists(args.ref) else 1
+    return 0 if _store(args).exists(args.ref) else 1
 
 
 def _rm(args: argparse.Namespace) -> int:
-    store = imgstore.ImageStore.open(args.sysroot, args.authfile)
+    store = _store(args)
     for ref in args.refs:
         image = store.remove(ref)
         print(f"{ref} {image.id}")
@@ -162,7 +177,7 @@ def _rm(args: argparse.Namespace) -> int:
 def _prune(args: argparse.Namespace) -> int:
     if not args.roots and not args.all:
         raise UserError("prune: name the images to keep (ROOT...), or pass --all to remove every image")
-    store = imgstore.ImageStore.open(args.sysroot, args.authfile)
+    store = _store(args)
     for image in store.prune_except_roots(args.roots):
         print(json.dumps(image.to_json()))
     return 0
@@ -175,7 +190,7 @@ def _copy(args: argparse.Namespace) -> int:
 
 
 def _dropin(args: argparse.Namespace) -> int:
-    store = imgstore.ImageStore.open(args.sysroot, args.authfile)
+    store = _store(args)
     if args.output:
         store.write_dropin(args.output)
     else:

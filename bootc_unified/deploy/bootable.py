@@ -44,6 +44,8 @@ def problems(sysroot: Sysroot, repo: Repository | None, depl_id: str, whole: boo
         needed = referenced_objects(repo.read_object(depl_id))
     except (ImageError, UserError) as e:
         return [*out, f"{link}: EROFS image is damaged ({e})"]
+    except OSError as e:  # EIO: fs-verity (or the filesystem's checksum) caught changed data
+        return [*out, f"{link}: EROFS image is unreadable ({e.strerror})"]
     missing = sorted(o for o in needed if o not in repo.objects)
     if missing:
         first = repo.objects.path_of(missing[0])

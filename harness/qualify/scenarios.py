@@ -93,6 +93,23 @@ SCENARIOS: tuple[Scenario, ...] = (
         qualify=True,
     ),
     Scenario(
+        "power-cut",
+        "Power cuts during upgrade and finalize",
+        "VM destroyed at random times in an upgrade and in finalize; boots old or new, fsck clean, re-run works",
+        ("tests/vm/test_power_cut.py::test_power_cut",),
+        covers=("power-cut", "crash"),
+        expected_seconds=1800,
+        qualify=True,
+    ),
+    Scenario(
+        "tamper",
+        "Tampered object and EROFS image are caught",
+        "Bytes changed on disk: EIO under verity, fsck names the object, a tampered image fails to boot",
+        ("tests/vm/test_tamper.py::test_tamper",),
+        covers=("tamper", "integrity"),
+        expected_seconds=900,
+    ),
+    Scenario(
         "boot-composefs",
         "A hand-made deployment boots from composefs",
         "A deployment made by hand boots from composefs (the boot path without install)",

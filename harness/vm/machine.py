@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +59,7 @@ class Machine(ABC):
         self.ssh = SSH("127.0.0.1", spec.ssh_port, spec.ssh_key)
         self.timings = Timings()
         self._started_at = 0.0
+        self.accepted_console: list[range] = []  # console line numbers trouble_expected() covered
         self.boots = 0  # VM processes started: each one boots a kernel (console banners)
         spec.workdir.mkdir(parents=True, exist_ok=True)
         if not spec.vars_file.exists():
@@ -103,7 +106,8 @@ class Machine(ABC):
         except Exception as e:
             log = self.spec.console_log
             if log.is_file():
-                console.check(log)  # trouble on the console explains the failure best
+                # trouble on the console explains the failure best
+                console.check(log, accepted=self.accepted_console)
             text = self.console_text()
             state = "running" if self.is_running() else "not running"
             raise MachineError(
@@ -119,7 +123,7 @@ class Machine(ABC):
     def console_trouble(self) -> str | None:
         """The first trouble on the console so far (see console.py), or None: waiting for SSH
         stops there, since the test fails on it anyway (a panicked guest never answers)."""
-        findings = console.scan(self.console_text())
+        findings = console.scan(self.console_text(), self.accepted_console)
         return str(findings[0]) if findings else None
 
     def verify_identity(self) -> None:
@@ -216,7 +220,17 @@ class Machine(ABC):
         """Raise console.ConsoleError when the console log is missing, shows trouble, or does not
         show one kernel banner per boot. Nothing to check on a machine that was never started."""
         if self.boots:
-            console.check(self.spec.console_log, boots=self.boots)
+            console.check(self.spec.console_log, boots=self.boots, accepted=self.accepted_console)
+
+    @contextmanager
+    def trouble_expected(self) -> Iterator[None]:
+        """Console lines written while the body runs are not trouble: for a test that breaks the
+        guest on purpose (a tampered image that must fail to boot) and asserts the failure itself."""
+        first = console.line_count(self.console_text()) + 1
+        try:
+            yield
+        finally:
+            self.accepted_console.append(range(first, console.line_count(self.console_text()) + 1))
 
     @property
     def journal_file(self) -> Path:

@@ -51,9 +51,10 @@ def test_every_scenario_collects_on_its_filesystems(vm_tests: list[str]) -> None
 
 
 def test_default_set_answers_the_release_question() -> None:
-    assert list(DEFAULT) == ["smoke", "install", "lifecycle", "set-unified", "zstd-chunked"]
+    assert list(DEFAULT) == ["smoke", "install", "lifecycle", "set-unified", "zstd-chunked", "power-cut"]
     covered = {c for name in DEFAULT for c in BY_NAME[name].covers}
-    assert {"install", "upgrade", "switch", "rollback", "gc", "lbi", "set-unified", "soft-reboot"} <= covered
+    wanted = {"install", "upgrade", "switch", "rollback", "gc", "lbi", "set-unified", "soft-reboot", "power-cut"}
+    assert wanted <= covered
 
 
 def test_resolve() -> None:

@@ -131,6 +131,22 @@ def test_clean_console_passes(tmp_path: Path) -> None:
     assert console.scan(CLEAN) == []
 
 
+def test_trouble_in_accepted_lines_only_is_not_trouble(tmp_path: Path) -> None:
+    """Machine.trouble_expected: lines a test broke on purpose are accepted, the same trouble
+    before or after them is not."""
+    log = tmp_path / "console.log"
+    trouble = "Begin: Running /scripts/local-bottom ... \nbootc-unified: cannot mount\nDropping to a shell!\n"
+    log.write_text(CLEAN + trouble + CLEAN)
+    first = CLEAN.count("\n") + 1
+    accepted = [range(first, first + 3)]
+    console.check(log, boots=2, accepted=accepted)
+    with pytest.raises(console.ConsoleError, match="initramfs shell at console line"):
+        console.check(log, boots=2, accepted=[range(first, first + 2)])  # one line short
+    log.write_text(CLEAN + trouble + CLEAN + "Dropping to a shell!\n")
+    with pytest.raises(console.ConsoleError, match="initramfs shell"):
+        console.check(log, boots=2, accepted=accepted)
+
+
 def test_missing_console_log_fails(tmp_path: Path) -> None:
     with pytest.raises(console.ConsoleError, match="serial console log is missing"):
         console.check(tmp_path / "console.log")

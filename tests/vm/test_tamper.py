@@ -1,0 +1,149 @@
+"""Tampering (issue 12, R5): bytes changed behind the filesystem's back, on an installed system with
+two deployments (v1 installed, upgraded to v2 and rebooted: v2 booted, v1 the rollback).
+
+1. An object: the data of a file of the booted root (its object found by the file's own
+   `fsverity digest`, not by product code) changed with a write to the block device at the offset
+   FIEMAP reports (harness.tamper_guest), caches dropped. Reading the file under the
+   verity-enforced root gives EIO on ext4 and btrfs (fs-verity; on btrfs its data checksum
+   answers first); on XFS (no fs-verity in the guest kernel, composefs=? boots) the read succeeds
+   with other bytes, which is why fsck exists: `fsck` names the object on all three.
+2. An EROFS image: v1's image (the rollback deployment's) changed in its superblock. `status`
+   names the damage beside v1, `fsck` names the image's object, `rollback` refuses to make it the
+   default; booting it anyway (`bootctl set-oneshot` to its entry) fails in the initramfs with a
+   console line naming the image, and the machine, powered off and on, boots its default (v2).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from harness import installed
+from harness.guestmodules import run_module, ship
+from harness.installed import REFERENCES, variant_ref
+from harness.lifecycle import REPO, Steps, entry_id, expect_status, mount_esp, status
+from harness.powercut import console_mark, console_since, wait_console
+from harness.pytest_vm import GuestImages, InstalledDiskFactory, VmFactory, artifacts_dir
+from harness.registry import Registry
+from harness.vm import Machine
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.sample("ext4")]
+
+OS = variant_ref("v1")
+VERITY = {"ext4": True, "btrfs": True, "xfs": False}  # fs-verity in the trixie guest kernel
+UPGRADE_TIMEOUT = 180
+
+
+def object_of(vm: Machine, path: str) -> str:
+    """The repository object holding `path`'s data, by the file's fs-verity digest (fsverity-utils)."""
+    digest = vm.run(["fsverity", "digest", "--hash-alg=sha512", path]).stdout.split()[0]
+    hexdigest = digest.removeprefix("sha512:")
+    obj = f"{REPO}/objects/{hexdigest[:2]}/{hexdigest[2:]}"
+    vm.run(["test", "-f", obj])
+    return obj
+
+
+def fsck(vm: Machine) -> tuple[bool, str]:
+    got = vm.run(
+        ["bootc-unified", "internals", "cfs", "--repo", REPO, "fsck"], timeout=vm.timeout(600), check=False
+    )
+    return got.ok, got.stdout + got.stderr
+
+
+def sha256(vm: Machine, path: str) -> tuple[bool, str]:
+    got = vm.run(["sha256sum", path], check=False)
+    return got.ok, (got.stdout.split()[0] if got.ok else got.stderr.strip())
+
+
+def entry_file(vm: Machine, depl_id: str) -> str:
+    """The ESP's BLS entry file (systemd-boot's entry id) whose `composefs=` names `depl_id`."""
+    esp = mount_esp(vm)
+    out = vm.run(f"grep -l 'composefs=?*{depl_id}' {esp}/loader/entries/*.conf").stdout.split()
+    assert len(out) == 1, out
+    return out[0].rsplit("/", 1)[1]
+
+
+def test_tamper(
+    fs_kind: str,
+    installed_disk_factory: InstalledDiskFactory,
+    vm_factory: VmFactory,
+    guest_image: GuestImages,
+    registry: Registry,
+    request: pytest.FixtureRequest,
+) -> None:
+    fs = fs_kind
+    guest_image("v1"), guest_image("v2"), guest_image("app")
+    disk = installed_disk_factory("v1", fs, True)
+    vm = vm_factory(disk)
+    steps = Steps(vm, artifacts_dir(request) / "tamper-steps.json", "tamper", fs)
+
+    with steps.step("upgrade to v2, reboot") as facts:
+        installed.map_test_registry(vm, registry.address)
+        v1_id = entry_id(status(vm)["status"]["booted"])
+        assert v1_id is not None
+        guest_image.push("app", registry, REFERENCES["app"])  # v2 binds it
+        guest_image.push("v2", registry, REFERENCES["v2"])
+        vm.run(["bootc-unified", "upgrade"], timeout=vm.timeout(UPGRADE_TIMEOUT))
+        vm.reboot()
+        doc = expect_status(vm, booted=OS, rollback=OS)
+        v2_id = entry_id(doc["status"]["booted"])
+        assert entry_id(doc["status"]["rollback"]) == v1_id and v2_id != v1_id
+        ship(vm)
+
+    with steps.step("tamper an object") as facts:
+        # a file of the booted root no process has mapped, large enough not to be inline (btrfs)
+        victim = vm.run(
+            "find /usr/share -xdev -type f -size +256k -size -4M -printf '%s %p\\n' | sort -n | tail -n 1"
+        ).stdout.split()[1]
+        obj = object_of(vm, victim)
+        ok, before = sha256(vm, victim)
+        assert ok, before
+        with vm.trouble_expected():  # btrfs logs its checksum failure as "BTRFS error"
+            facts["tamper"] = json.loads(run_module(vm, "tamper_guest", obj, "4096"))
+            ok, after = sha256(vm, victim)
+            fsck_ok, report = fsck(vm)
+        facts.update(victim=victim, read=after, fsck=report.strip().splitlines()[-3:])
+        if VERITY[fs]:
+            assert not ok and "Input/output error" in after, (victim, after)
+        else:
+            assert ok and after != before, (victim, before, after)
+        assert not fsck_ok, report
+        rel = obj.removeprefix(f"{REPO}/")
+        assert re.search(rf"(unreadable|corrupt) object {re.escape(rel)}\b", report), report
+
+    with steps.step("tamper v1's EROFS image, boot it") as facts:
+        image = vm.run(["readlink", "-f", f"{REPO}/images/{v1_id}"]).stdout.strip()
+        with vm.trouble_expected():
+            facts["tamper"] = json.loads(run_module(vm, "tamper_guest", image, "1024"))  # the superblock
+            st = status(vm)
+            fsck_ok, report = fsck(vm)
+            refused = vm.run(["bootc-unified", "rollback"], check=False)
+        facts.update(problems=st.get("problems"), fsck=report.strip().splitlines()[-3:])
+        named = [p for p in st.get("problems", []) if v1_id[:16] in p and f"images/{v1_id}" in p]
+        assert named, st.get("problems")
+        assert not fsck_ok and image.removeprefix(f"{REPO}/") in report, report
+        assert not refused.ok and f"images/{v1_id}" in refused.stderr, refused
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        expect_status(vm, booted=OS, rollback=OS)  # nothing queued
+        entry = entry_file(vm, v1_id)
+        esp = mount_esp(vm)
+        vm.run(["bootctl", f"--esp-path={esp}", "set-oneshot", entry])
+        with vm.trouble_expected():
+            mark = console_mark(vm)
+            vm.ssh.start("sleep 1; systemctl reboot")
+            vm.ssh.close()
+            vm.wait_stopped(vm.timeout(300))  # QEMU exits on the reboot (-no-reboot)
+            vm.start()
+            failed = wait_console(vm, mark, f"bootc-unified: {v1_id}", vm.timeout(300))
+            lines = [line for line in console_since(vm, mark) if line.startswith("bootc-unified:")]
+            vm.destroy()
+        facts["console"] = lines
+        assert failed, lines
+        assert any(v1_id in line and "composefs root" not in line for line in lines), lines
+        vm.start()
+        vm.wait_ssh()
+        doc = expect_status(vm, booted=OS, rollback=OS)
+        assert (entry_id(doc["status"]["booted"]), entry_id(doc["status"]["rollback"])) == (v2_id, v1_id)
+    vm.poweroff()
