@@ -1,6 +1,7 @@
 """Run the harness's standard-library-only oracles inside a guest, with the guest's python3.
 
-`ship(vm)` copies harness/{__init__,checks,diskuse,tamper_guest,treewalk,zerocopy_audit}.py to GUEST_DIR/harness/;
+`ship(vm)` copies harness/{__init__,checks,diskuse,tamper_guest,treewalk,zerocopy_audit}.py to
+GUEST_DIR/harness/;
 `run_module(vm, "treewalk", ROOT)` runs `python3 -m harness.treewalk ROOT` there and returns its
 stdout. The guest thus records trees and audits objects with the very code the host uses.
 """

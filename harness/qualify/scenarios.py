@@ -95,7 +95,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         "power-cut",
         "Power cuts during upgrade and finalize",
-        "VM destroyed at random times in an upgrade and in finalize; boots old or new, fsck clean, re-run works",
+        "VM destroyed at random times in upgrade and in finalize; boots old or new, fsck clean, re-run works",
         ("tests/vm/test_power_cut.py::test_power_cut",),
         covers=("power-cut", "crash"),
         expected_seconds=1800,
