@@ -221,5 +221,5 @@ def check_whole(vm: Machine, allowed: dict[str, str]) -> dict[str, Any]:
     vm.check_console()
     image = entry_image(st["booted"])
     listed = json.loads(vm.run(["bootc-unified", "image", "list", "--format", "json"]).stdout)
-    assert image in {row["image"] for row in listed}, listed
+    assert image in {name for row in listed for name in row["names"]}, listed
     return {"booted": booted, "outcome": allowed[booted], "fsck": fsck(vm), "entries": len(entries)}

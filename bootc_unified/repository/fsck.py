@@ -89,7 +89,12 @@ def check_links(repo: Repository, report: FsckReport) -> None:
             continue
         if rel.parts[1] == "refs":
             continue  # what it names is checked through streams/<id> and images/<id>
-        data = objects.path_of(object_id).read_bytes()
+        try:
+            data = objects.path_of(object_id).read_bytes()
+        except OSError as e:  # EIO: fs-verity or the filesystem's checksum (check_objects names it too)
+            path = f"objects/{object_id[:2]}/{object_id[2:]}"
+            report.problems.append(f"unreadable {rel} ({path}): {e.strerror}")
+            continue
         if rel.parts[0] == "streams":
             try:
                 stream = splitstream.parse(data)

@@ -47,7 +47,7 @@ from harness.pytest_vm import GuestImages, InstalledDiskFactory, VmFactory, arti
 from harness.registry import Registry
 from harness.vm import Machine
 
-pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.sample("xfs")]
+pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.sample("ext4")]
 
 OS = variant_ref("v1")
 UPGRADE_TIMEOUT = 180  # seconds on KVM; x10 under TCG
