@@ -42,6 +42,10 @@ PODMAN = "podman"
 PARTIAL_PULLS_SINCE = (5, 3)
 
 
+class DamagedImage(UserError):
+    """The store records the image, but podman cannot read it (see storerepair.py)."""
+
+
 class PullPolicy(Enum):
     MISSING = "missing"  # pull only if no image of that name is in the store
     ALWAYS = "always"  # always ask the registry (fetches only what changed)
@@ -256,6 +260,9 @@ class ImageStore:
     def inspect(self, ref: str) -> StoreImage:
         proc = self.podman(["image", "inspect", "--format", "json", docker_ref(ref)], check=False)
         if proc.returncode != 0:
+            why = tool_error_line(proc.stderr)
+            if self.exists(ref):  # recorded, yet podman cannot read it
+                raise DamagedImage(f"{ref}: damaged in the bootc store ({self.root}): {why}")
             raise UserError(f"{ref}: no such image in the bootc store ({self.root})")
         i = json.loads(proc.stdout)[0]
         return StoreImage(
@@ -275,6 +282,13 @@ class ImageStore:
         """Pull `ref` into the store; with MISSING, an image already present is not fetched again."""
         progress = progress or NullProgress()
         check_qualified(ref)
+        try:
+            return self._pull(ref, policy, tls_verify, progress)
+        except DamagedImage:  # what a power cut after an earlier pull left: repair, pull once more
+            self.repair()
+            return self._pull(ref, PullPolicy.ALWAYS, tls_verify, progress)
+
+    def _pull(self, ref: str, policy: PullPolicy, tls_verify: bool, progress: Progress) -> StoreImage:
         if policy is PullPolicy.MISSING and self.exists(ref):
             image = self.inspect(ref)
             progress.send(
@@ -287,7 +301,19 @@ class ImageStore:
             if "no space left on device" in str(e).lower():  # podman names the image, not the store
                 raise UserError(f"{self.root}: {e}") from e
             raise
+        os.sync()  # what podman wrote is on disk before anything is built on it
         return self.inspect(image_id)
+
+    def repair(self) -> list[str]:
+        """Repair the store after a power cut (storerepair.py; `podman system check --repair`
+        where podman has it); returns what was rewritten."""
+        from bootc_unified.storerepair import repair_links
+
+        fixed = repair_links(self.root)
+        version = podman_version()
+        if version is not None and version >= (5, 0):
+            self.podman(["system", "check", "--repair", "--force"], check=False)
+        return fixed
 
     def pull_plain(self, ref: str, tls_verify: bool, progress: Progress) -> str:
         """`podman pull`, reporting one step per blob podman announces; returns the image ID."""

@@ -289,3 +289,29 @@ def test_cli_errors_are_one_line(sysroot: Path, registry: Registry) -> None:
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("bootc-unified: error: ") and reason in lines[0], lines
     assert not (sysroot / STORE_SUBPATH).exists()
+
+
+@pytest.mark.parametrize("policy", [PullPolicy.MISSING, PullPolicy.ALWAYS])
+def test_pull_repairs_what_a_power_cut_left(
+    sysroot: Path, test_images: TestImages, policy: PullPolicy
+) -> None:
+    """What a power cut right after a pull left in the guest (found by tests/vm/test_power_cut.py on
+    ext4): the image and its layers recorded, but the top layer's `link` and `lower` files empty
+    (created, never written back); podman then fails every inspect with "readlink .../overlay:
+    invalid argument", and the next upgrade stopped at "no such image". Emptying the two files here
+    stands in for the cut (the VM scenario causes it for real). `pull` repairs the store (`podman
+    system check --repair` where podman has it, else the damaged image is removed) and pulls again;
+    podman's own inspect is the oracle."""
+    store = ImageStore.ensure(sysroot)
+    ref = test_images["small-b"].docker().removeprefix("docker://")
+    image = store.pull(ref, tls_verify=False)
+    records = json.loads((store.root / "overlay-images/images.json").read_text())
+    top = next(i["layer"] for i in records if i["id"] == image.id)
+    for name in ("link", "lower"):
+        if (store.root / "overlay" / top / name).exists():
+            (store.root / "overlay" / top / name).write_bytes(b"")
+    damaged = store.podman(["image", "inspect", image.id], check=False)
+    assert damaged.returncode != 0 and "readlink" in damaged.stderr, damaged  # the damage is real to podman
+    again = store.pull(ref, policy, tls_verify=False)
+    assert again.id == image.id
+    assert store.podman(["image", "inspect", image.id], check=False).returncode == 0
