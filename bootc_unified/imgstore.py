@@ -304,6 +304,18 @@ class ImageStore:
         os.sync()  # what podman wrote is on disk before anything is built on it
         return self.inspect(image_id)
 
+    def tag_unless_taken(self, image_id: str, name: str) -> str | None:
+        """Tag `name` on the image unless it names a digest or another image holds it already;
+        returns the tag given (or already there), None when none was."""
+        if "@" in name:
+            return None
+        tagged = name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+        for image in self.images():
+            if tagged in image.names:
+                return tagged if image.id == image_id else None
+        self.podman(["tag", image_id, tagged])
+        return tagged
+
     def repair(self) -> list[str]:
         """Repair the store after a power cut (storerepair.py; `podman system check --repair`
         where podman has it); returns what was rewritten."""

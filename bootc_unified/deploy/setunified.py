@@ -191,7 +191,7 @@ def _set_unified(opts: SetUnifiedOpts, progress: Progress | None) -> SetUnifiedR
                 )
                 added = image_id
             _verify(store, image_id, expected)
-            tagged = _tag(store, image_id, ref.image) if ref.transport == "registry" else None
+            tagged = store.tag_unless_taken(image_id, ref.image) if ref.transport == "registry" else None
             _step(progress, "dedupe", "Sharing files with the repository", digest, False)
             cstore = Store.open(store.root)
             with cstore.read_lock():
@@ -233,15 +233,3 @@ def _fetch(
     workdir = store.root.parent / f"{REBUILD_PREFIX}{secrets.token_hex(6)}"
     image_id = export.rebuild(repo, expected, store, workdir, progress)
     return REPOSITORY, image_id, why
-
-
-def _tag(store: ImageStore, image_id: str, name: str) -> str | None:
-    """Tag `name` on the image unless it names a digest or another image holds it already."""
-    if "@" in name:
-        return None
-    tagged = name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
-    for image in store.images():
-        if tagged in image.names:
-            return tagged if image.id == image_id else None
-    store.podman(["tag", image_id, tagged])
-    return tagged

@@ -143,7 +143,7 @@ def _set_unified(
             added = image_id
             if store_image_by_digest(store.root, digest) != image_id:
                 raise UserError(f"{name}: the registry's image does not have manifest digest {digest}")
-        tagged = _tag(store, image_id, name) if name is not None else None
+        tagged = store.tag_unless_taken(image_id, name) if name is not None else None
         cstore = Store.open(store.root)
         imported = import_image(repo, cstore, image_id, imgref=depl.imgref)
         assert imported.tree is not None
@@ -156,15 +156,3 @@ def _set_unified(
     return OstreeSetUnifiedResult(
         depl.path.name, depl.imgref, digest, image_id, source, tagged, imported.commit, imported, stats
     )
-
-
-def _tag(store: ImageStore, image_id: str, name: str) -> str | None:
-    """Tag `name` on the image unless it names a digest or another image holds it already."""
-    if "@" in name:
-        return None
-    tagged = name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
-    for image in store.images():
-        if tagged in image.names:
-            return tagged if image.id == image_id else None
-    store.podman(["tag", image_id, tagged])
-    return tagged
