@@ -81,12 +81,15 @@ def _lines(text: str) -> list[str]:
     return [ANSI.sub("", raw).replace("\r", "") for raw in text.splitlines()]
 
 
-def scan(text: str, accepted: Sequence[range] = ()) -> list[Finding]:
+def scan(
+    text: str, accepted: Sequence[range] = (), accepted_lines: Sequence[re.Pattern[str]] = ()
+) -> list[Finding]:
     """Trouble on the console; lines whose number is in one of `accepted` (trouble a test caused
-    on purpose and asserted itself, Machine.trouble_expected) are not trouble."""
+    on purpose and asserted itself, Machine.trouble_expected) or that match one of
+    `accepted_lines` (Machine.expect_console_lines) are not trouble."""
     findings = []
     for number, line in enumerate(_lines(text), start=1):
-        if any(number in r for r in accepted):
+        if any(number in r for r in accepted) or any(p.search(line) for p in accepted_lines):
             continue
         for what, pattern in PATTERNS:
             if pattern.search(line):
@@ -104,7 +107,12 @@ def line_count(text: str) -> int:
     return len(_lines(text))
 
 
-def check(path: Path, boots: int | None = None, accepted: Sequence[range] = ()) -> None:
+def check(
+    path: Path,
+    boots: int | None = None,
+    accepted: Sequence[range] = (),
+    accepted_lines: Sequence[re.Pattern[str]] = (),
+) -> None:
     """Raise ConsoleError when the console log at `path` is missing, shows trouble (outside the
     `accepted` line ranges), or (with `boots`) does not show exactly one kernel banner per boot."""
     if not path.is_file():
@@ -118,6 +126,6 @@ def check(path: Path, boots: int | None = None, accepted: Sequence[range] = ()) 
             problems.append(
                 f"{seen} kernel banner(s) ('Linux version ...') for {boots} boot(s) of this VM: {why}"
             )
-    findings = scan(text, accepted)
+    findings = scan(text, accepted, accepted_lines)
     if problems or findings:
         raise ConsoleError(path, findings, problems)

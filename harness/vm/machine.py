@@ -19,6 +19,7 @@ wait for SSH (boot, reboot) ends as soon as the console shows trouble, not at it
 
 from __future__ import annotations
 
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -60,6 +61,7 @@ class Machine(ABC):
         self.timings = Timings()
         self._started_at = 0.0
         self.accepted_console: list[range] = []  # console line numbers trouble_expected() covered
+        self.accepted_lines: list[re.Pattern[str]] = []  # expect_console_lines()
         self.boots = 0  # VM processes started: each one boots a kernel (console banners)
         spec.workdir.mkdir(parents=True, exist_ok=True)
         if not spec.vars_file.exists():
@@ -107,7 +109,7 @@ class Machine(ABC):
             log = self.spec.console_log
             if log.is_file():
                 # trouble on the console explains the failure best
-                console.check(log, accepted=self.accepted_console)
+                console.check(log, accepted=self.accepted_console, accepted_lines=self.accepted_lines)
             text = self.console_text()
             state = "running" if self.is_running() else "not running"
             raise MachineError(
@@ -123,7 +125,7 @@ class Machine(ABC):
     def console_trouble(self) -> str | None:
         """The first trouble on the console so far (see console.py), or None: waiting for SSH
         stops there, since the test fails on it anyway (a panicked guest never answers)."""
-        findings = console.scan(self.console_text(), self.accepted_console)
+        findings = console.scan(self.console_text(), self.accepted_console, self.accepted_lines)
         return str(findings[0]) if findings else None
 
     def verify_identity(self) -> None:
@@ -220,7 +222,18 @@ class Machine(ABC):
         """Raise console.ConsoleError when the console log is missing, shows trouble, or does not
         show one kernel banner per boot. Nothing to check on a machine that was never started."""
         if self.boots:
-            console.check(self.spec.console_log, boots=self.boots, accepted=self.accepted_console)
+            console.check(
+                self.spec.console_log,
+                boots=self.boots,
+                accepted=self.accepted_console,
+                accepted_lines=self.accepted_lines,
+            )
+
+    def expect_console_lines(self, pattern: str) -> None:
+        """From now on, console lines matching `pattern` are not trouble: for damage a test made
+        on purpose that the kernel reports whenever anything reads it (btrfs checksum failures of a
+        tampered file), however late. Keep the pattern as narrow as the damage."""
+        self.accepted_lines.append(re.compile(pattern))
 
     @contextmanager
     def trouble_expected(self) -> Iterator[None]:

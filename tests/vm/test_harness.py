@@ -3,6 +3,7 @@ teardown order. (tests/vm/test_harness_vm.py boots guests for the identity and K
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import time
@@ -145,6 +146,21 @@ def test_trouble_in_accepted_lines_only_is_not_trouble(tmp_path: Path) -> None:
     log.write_text(CLEAN + trouble + CLEAN + "Dropping to a shell!\n")
     with pytest.raises(console.ConsoleError, match="initramfs shell"):
         console.check(log, boots=2, accepted=accepted)
+
+
+def test_accepted_lines_match_only_what_they_name(tmp_path: Path) -> None:
+    """Machine.expect_console_lines: a btrfs checksum failure the test caused is accepted at any
+    line; another btrfs error is still trouble."""
+    log = tmp_path / "console.log"
+    csum = "[ 2.1] BTRFS error (device vda2): bdev /dev/vda2 errs: wr 0, rd 0, flush 0, corrupt 16, gen 0\n"
+    accepted = [
+        re.compile(r"BTRFS error \(device vd[a-z]\d+\): bdev /dev/vd[a-z]\d+ errs: .* corrupt \d+, gen 0$")
+    ]
+    log.write_text(CLEAN + csum)
+    console.check(log, boots=1, accepted_lines=accepted)
+    log.write_text(CLEAN + csum + "[  240.1] BTRFS error (device vda2): failed to read chunk tree\n")
+    with pytest.raises(console.ConsoleError, match="failed to read chunk tree"):
+        console.check(log, boots=1, accepted_lines=accepted)
 
 
 def test_missing_console_log_fails(tmp_path: Path) -> None:
