@@ -197,6 +197,14 @@ class GuestImages:
             self._pushed[key] = pushed
         return guest_reference(pushed[1])
 
+    def push_derived(self, tag: str, registry: Registry, reference: str) -> None:
+        """Push an image that is no built variant (a scenario's own, e.g. power-cut's derived
+        updates) as `reference`, and record it: a later push() of a variant to that reference then
+        pushes again instead of trusting that the tag still holds the variant (the session's
+        registry is shared by every test on the worker)."""
+        self.builder.buildah.push(tag, f"docker://{registry.address}/{reference}")
+        self._pushed[(registry.address, reference)] = (f"derived:{tag}", reference)
+
 
 def guest_reference(host_reference: str) -> str:
     """127.0.0.1:PORT/repo:tag as seen from inside a guest on QEMU user networking."""

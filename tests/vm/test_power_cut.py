@@ -98,7 +98,7 @@ def test_power_cut(
     def push_trial(n: int) -> None:
         tag = derived_image(builder, v2, n)
         tags.append(tag)
-        builder.buildah.push(tag, f"docker://{registry.address}/{REFERENCES['v1']}")
+        guest_image.push_derived(tag, registry, REFERENCES["v1"])
 
     try:
         with steps.step("baseline: upgrade, clean reboot") as facts:
