@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -112,6 +113,23 @@ def diff_file_of(store: Path, data: bytes) -> Path:
 
 
 # --- deployment --------------------------------------------------------------------------------------------
+
+
+def set_unified_ostree(sysroot: Path) -> Any:
+    """`image set-unified --backend ostree` on `sysroot`; its JSON result."""
+    proc = run_cli(
+        "image",
+        "set-unified",
+        "--backend",
+        "ostree",
+        "--sysroot",
+        sysroot,
+        "--tls-verify",
+        "false",
+        "--format",
+        "json",
+    )
+    return json.loads(proc.stdout)
 
 
 def test_deploy_is_a_real_ostree_deployment(
@@ -287,19 +305,7 @@ def test_set_unified_dedupes(
 
     sync_fs(loopfs.path)
     before = loopfs.statvfs_used_bytes()
-    proc = run_cli(
-        "image",
-        "set-unified",
-        "--backend",
-        "ostree",
-        "--sysroot",
-        sysroot,
-        "--tls-verify",
-        "false",
-        "--format",
-        "json",
-    )
-    result = json.loads(proc.stdout)
+    result = set_unified_ostree(sysroot)
     sync_fs(loopfs.path)
     grown = loopfs.statvfs_used_bytes() - before
     store = sysroot / "ostree/bootc/storage"
@@ -336,20 +342,7 @@ def test_set_unified_dedupes(
             pm.close()
 
         # a second run changes nothing
-        again = json.loads(
-            run_cli(
-                "image",
-                "set-unified",
-                "--backend",
-                "ostree",
-                "--sysroot",
-                sysroot,
-                "--tls-verify",
-                "false",
-                "--format",
-                "json",
-            ).stdout
-        )
+        again = set_unified_ostree(sysroot)
         assert again["source"] == "already-present"
         assert again["dedupe"]["shared"]["files"] == 0, again["dedupe"]
     finally:
