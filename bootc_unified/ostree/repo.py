@@ -141,25 +141,12 @@ class OstreeRepo:
 
     def _link(self, fd: int, checksum: str) -> bool:
         """linkat the inode behind `fd` to the object path; False when the object exists already."""
-        from bootc_unified.repository.objects import link_fd
+        from bootc_unified.repository.objects import link_fd_within
 
         dest = self._dest(checksum)
         faults.point("ostree-object-before-link")
         try:
-            try:
-                link_fd(fd, dest)
-            except OSError as e:
-                if e.errno != errno.EXDEV:
-                    raise
-                mount_fd = os.open(self.objects, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    alias = zerocopy.reopen_through(fd, mount_fd)
-                finally:
-                    os.close(mount_fd)
-                try:
-                    link_fd(alias, dest)
-                finally:
-                    os.close(alias)
+            link_fd_within(fd, dest, self.objects)
         except FileExistsError:
             return False
         return True

@@ -95,6 +95,29 @@ def link_fd(fd: int, dest: str | Path) -> None:
     os.link(f"/proc/self/fd/{fd}", dest, src_dir_fd=_root_fd, follow_symlinks=True)
 
 
+def link_fd_within(fd: int, dest: str | Path, mount_dir: str | Path) -> None:
+    """link_fd, where a source opened through another mount of `dest`'s filesystem (a bind mount,
+    such as containers-storage's `overlay/` onto itself) is linked as the same inode reached
+    through `mount_dir`'s own mount. Another filesystem stays EXDEV."""
+    try:
+        link_fd(fd, dest)
+        return
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+    mount_fd = os.open(mount_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        alias = zerocopy.reopen_through(fd, mount_fd)
+    except OSError:
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV)) from None
+    finally:
+        os.close(mount_fd)
+    try:
+        link_fd(alias, dest)
+    finally:
+        os.close(alias)
+
+
 class ObjectStore:
     """The `objects/` directory of a repository."""
 
@@ -170,32 +193,11 @@ class ObjectStore:
         dest = f"{prefix}/{object_id[2:]}"
         faults.point("object-before-link")
         try:
-            try:
-                link_fd(fd, dest)
-            except OSError as e:
-                if e.errno != errno.EXDEV:
-                    raise
-                self._link_through_own_mount(fd, dest)
+            link_fd_within(fd, dest, self.dir)
         except FileExistsError:
             return False
         faults.point("object-after-link")
         return True
-
-    def _link_through_own_mount(self, fd: int, dest: str) -> None:
-        """Hardlink a source that was opened through another mount of the repository's filesystem
-        (a bind mount, such as containers-storage's `overlay/` onto itself): the same inode, reached
-        through the repository's own mount, can be linked. Another filesystem stays EXDEV."""
-        mount_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            alias = zerocopy.reopen_through(fd, mount_fd)
-        except OSError:
-            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV)) from None
-        finally:
-            os.close(mount_fd)
-        try:
-            link_fd(alias, dest)
-        finally:
-            os.close(alias)
 
     def ensure_object(self, data: bytes) -> ObjectResult:
         """Store bytes as an object (written, not shared)."""
