@@ -95,16 +95,34 @@ ESP_TYPE = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
 TEST_ESP = "/run/bootc-unified-test/esp"
 
 
+def esp_device(vm: Machine) -> str:
+    """The guest's ESP, found by its GPT type (as the product finds it)."""
+    device = vm.run(
+        f"lsblk -rno PATH,PARTTYPE | awk 'tolower($2) == \"{ESP_TYPE}\" {{print $1; exit}}'"
+    ).stdout.strip()
+    assert device, "no EFI system partition in the guest"
+    return device
+
+
+def esp_check(vm: Machine) -> tuple[str, str]:
+    """(what bootc-unified-esp-fsck.service said this boot, fsck.fat -n's verdict on the ESP now).
+    The second is the oracle: dosfstools' own read-only check, asserted clean (the ESP unmounted:
+    a mounted FAT carries its dirty bit)."""
+    device = esp_device(vm)
+    assert not vm.run(["findmnt", "-n", "-S", device], check=False).ok, f"{device} is mounted"
+    said = vm.run("journalctl -b -o cat -u bootc-unified-esp-fsck.service | grep '^ESP ' || true").stdout
+    check = vm.run(["fsck.fat", "-n", device], check=False)
+    assert check.ok, f"the ESP is damaged:\n{check.stdout}{check.stderr}"
+    return said.strip(), check.stdout.strip().splitlines()[-1]
+
+
 def mount_esp(vm: Machine) -> str:
     """Where the guest's ESP is mounted, mounting it (found by its GPT type, as the product finds
     it) at TEST_ESP when nothing has. The verbs mount it only in their own mount namespace."""
     found = vm.run(["findmnt", "-n", "-t", "vfat", "-o", "TARGET"], check=False).stdout.split()
     if found:
         return found[0]
-    device = vm.run(
-        f"lsblk -rno PATH,PARTTYPE | awk 'tolower($2) == \"{ESP_TYPE}\" {{print $1; exit}}'"
-    ).stdout.strip()
-    assert device, "no EFI system partition in the guest"
+    device = esp_device(vm)
     vm.run(f"mkdir -p {TEST_ESP} && mount -t vfat {shlex.quote(device)} {TEST_ESP}")
     return TEST_ESP
 

@@ -29,6 +29,7 @@ from harness.lifecycle import (
     REPO,
     entry_id,
     entry_image,
+    esp_check,
     failed_units,
     mount_esp,
     root_source_id,
@@ -57,6 +58,7 @@ class Cut:
     progress: str = ""  # the verb's last output line that reached the disk (upgrade cuts)
     boot_seconds: float = 0.0  # start to SSH after the cut
     fsck: str = ""
+    esp: str = ""  # what bootc-unified-esp-fsck.service said at the boot after the cut
 
 
 def derived_image(builder: ImageBuilder, base: GuestImage, trial: int) -> str:
@@ -205,7 +207,9 @@ def check_whole(vm: Machine, allowed: dict[str, str]) -> dict[str, Any]:
     """After a cut: the booted deployment is one of `allowed` (id -> "old"/"new") and is what the
     kernel mounted as `/`; `status` answers with no staged deployment (the marker lived in /run);
     every BLS entry names an EROFS image and a state dir that exist, and the entries are exactly
-    status's booted and rollback; no failed unit; the console clean; fsck clean. Returns facts."""
+    status's booted and rollback; no failed unit; the console clean; fsck clean; the ESP clean by
+    fsck.fat -n (the boot's esp-fsck unit repairs what a cut left). Returns facts."""
+    esp_said, _ = esp_check(vm)  # before anything of ours mounts it
     doc = status(vm)
     st = doc["status"]
     booted = entry_id(st["booted"])
@@ -222,4 +226,5 @@ def check_whole(vm: Machine, allowed: dict[str, str]) -> dict[str, Any]:
     image = entry_image(st["booted"])
     listed = json.loads(vm.run(["bootc-unified", "image", "list", "--format", "json"]).stdout)
     assert image in {name for row in listed for name in row["names"]}, listed
-    return {"booted": booted, "outcome": allowed[booted], "fsck": fsck(vm), "entries": len(entries)}
+    facts = {"booted": booted, "outcome": allowed[booted], "fsck": fsck(vm), "entries": len(entries)}
+    return facts | {"esp": esp_said}

@@ -1,12 +1,18 @@
 """Change one byte of a file's data behind its filesystem's back (issue 12, R5), in the guest.
 
     python3 -m harness.tamper_guest FILE OFFSET
+    python3 -m harness.tamper_guest --fat-dir DEVICE DIR
 
 finds where byte OFFSET of FILE lives on the block device (FS_IOC_FIEMAP; on btrfs the extent's
 address is a logical one, mapped to the device with `btrfs-map-logical`), inverts that byte with a
 write to the block device itself (not through the file, so neither fs-verity nor the filesystem
 sees the write), and drops the page cache so the next read of FILE comes from the disk. Prints
 one JSON object: device, physical offset, the byte before and after.
+
+`--fat-dir`: the FAT filesystem on DEVICE (unmounted; a device or an image file) as a power cut
+can leave it: directory DIR's first cluster zeroed (its entries never written), the FAT and the
+parent's entry left as they were. The cluster is found with mtools' `mshowfat`, its offset from
+the boot sector's own fields (FAT32 and FAT12/16 alike).
 
 Standard library only (it runs with the guest's python3, like harness.zerocopy_audit).
 """
@@ -80,7 +86,44 @@ def flip(device: str, physical: int) -> tuple[int, int]:
     return old, new
 
 
+def fat_dir_cluster(device: str, path: str) -> tuple[int, int, int]:
+    """(first cluster of `path`, its byte offset on `device`, cluster size in bytes)."""
+    out = subprocess.run(
+        ["mshowfat", "-i", device, f"::{path}"], check=True, capture_output=True, text=True
+    ).stdout
+    found = re.search(r"<(\d+)", out)
+    if found is None:
+        raise SystemExit(f"mshowfat {device} ::{path}: no cluster in {out.strip()!r}")
+    cluster = int(found.group(1))
+    with open(device, "rb") as f:
+        boot = f.read(512)
+    sector = int.from_bytes(boot[11:13], "little")
+    per_cluster = boot[13]
+    reserved = int.from_bytes(boot[14:16], "little")
+    fats = boot[16]
+    root_entries = int.from_bytes(boot[17:19], "little")
+    fat_size = int.from_bytes(boot[22:24], "little") or int.from_bytes(boot[36:40], "little")
+    root_sectors = (root_entries * 32 + sector - 1) // sector
+    data = (reserved + fats * fat_size + root_sectors) * sector
+    return cluster, data + (cluster - 2) * per_cluster * sector, per_cluster * sector
+
+
+def zero_fat_dir(device: str, path: str) -> dict[str, object]:
+    cluster, offset, size = fat_dir_cluster(device, path)
+    fd = os.open(device, os.O_RDWR)
+    try:
+        os.pwrite(fd, bytes(size), offset)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return {"device": device, "dir": path, "cluster": cluster, "offset": offset, "bytes": size}
+
+
 def main(argv: list[str]) -> int:
+    if argv[0] == "--fat-dir":
+        print(json.dumps(zero_fat_dir(argv[1], argv[2])))
+        return 0
     path, offset = argv[0], int(argv[1])
     device, physical = locate(path, offset)
     old, new = flip(device, physical)

@@ -11,6 +11,7 @@
     switch [--transport registry|containers-storage|oci] [--apply] [--soft-reboot auto|required]
         [--progress-fd N] [--experimental-unified-storage] IMAGE
     internals finalize-staged [--sysroot DIR] [--esp DIR] [--etc DIR]   (hidden; the finalize unit's ExecStop)
+    internals fsck-esp [--sysroot DIR] [--device DEV]   (hidden; bootc-unified-esp-fsck.service at boot)
 
 Each handler turns argv into a frozen options dataclass (`*_opts(args)`, tested in
 tests/unit/test_cli.py) and calls the deploy module with it.
@@ -139,7 +140,8 @@ def _update_flags(p: argparse.ArgumentParser) -> None:
 
 
 def register_internals(groups: Any) -> None:
-    """`internals finalize-staged`: hidden (no help line), run by bootc-unified-finalize-staged.service."""
+    """`internals finalize-staged` and `internals fsck-esp`: hidden (no help line), run by
+    bootc-unified-finalize-staged.service and bootc-unified-esp-fsck.service."""
     fin = groups.add_parser("finalize-staged")
     fin.add_argument("--sysroot", type=Path, default=Path("/sysroot"), metavar="DIR")
     fin.add_argument("--esp", type=Path, metavar="DIR", help="default: the mounted vfat ESP")
@@ -147,6 +149,10 @@ def register_internals(groups: Any) -> None:
     fin.add_argument("--mountinfo", type=Path, default=None, help=argparse.SUPPRESS)
     fin.add_argument("--staged-marker", type=Path, default=None, help=argparse.SUPPRESS)
     fin.set_defaults(func=_finalize_staged)
+    fsck = groups.add_parser("fsck-esp")
+    fsck.add_argument("--sysroot", type=Path, default=Path("/sysroot"), metavar="DIR")
+    fsck.add_argument("--device", default=None, metavar="DEV", help="default: the ESP of DIR's disk")
+    fsck.set_defaults(func=_fsck_esp)
 
 
 def _progress_fd(fd: int | None) -> int | None:
@@ -381,6 +387,13 @@ def _switch(args: argparse.Namespace) -> int:
     from bootc_unified.deploy import switch
 
     return _with_progress(switch.run, switch_opts(args))
+
+
+def _fsck_esp(args: argparse.Namespace) -> int:
+    from bootc_unified.deploy.espcheck import fsck_esp
+
+    print(fsck_esp(args.sysroot, args.device))
+    return 0
 
 
 def _finalize_staged(args: argparse.Namespace) -> int:

@@ -136,12 +136,17 @@ def _boot_order(a: EntryFile, b: EntryFile) -> int:
 
 def read_entries(directory: Path) -> list[EntryFile]:
     """The `*.conf` entries of a directory in boot-menu order (first = default)."""
-    if not directory.is_dir():
-        return []
+    try:
+        if not directory.is_dir():
+            return []
+        paths = [p for p in directory.iterdir() if p.name.endswith(".conf") and p.is_file()]
+    except OSError as e:  # EIO: a FAT directory a power cut left unwritten (fsck.fat -a repairs it)
+        raise UserError(
+            f"{directory}: cannot read boot entries: {e.strerror or e} (the ESP needs `fsck.fat -a`, "
+            "which bootc-unified-esp-fsck.service runs at boot)"
+        ) from e
     out = []
-    for path in directory.iterdir():
-        if not path.name.endswith(".conf") or not path.is_file():
-            continue
+    for path in paths:
         try:
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as e:

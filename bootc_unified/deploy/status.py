@@ -144,7 +144,14 @@ def build(
     problems: list[str] = []
     deployments: list[_Deployment] = []
     for directory, is_staged in ((esp.entries, False), (esp.entries_staged, True)):
-        for ef in bls.read_entries(directory):
+        try:
+            entry_files = bls.read_entries(directory)
+        except UserError as e:
+            if not is_staged:
+                raise  # no boot menu: nothing to report on
+            problems.append(f"{e} (the staged deployment is left out)")
+            continue
+        for ef in entry_files:
             try:
                 arg = ef.entry.composefs
             except UserError as e:

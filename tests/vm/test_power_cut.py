@@ -141,6 +141,7 @@ def test_power_cut(
                     allowed = {booted: "old", staged: "new"}
                 found = check_whole(vm, allowed)
                 cut.booted_after, cut.outcome, cut.fsck = found["booted"], found["outcome"], found["fsck"]
+                cut.esp = found["esp"]
                 booted = cut.booted_after
                 # the interrupted update, re-run
                 out = upgrade(vm)

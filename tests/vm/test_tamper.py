@@ -11,6 +11,10 @@ two deployments (v1 installed, upgraded to v2 and rebooted: v2 booted, v1 the ro
    names the damage beside v1, `fsck` names the image's object, `rollback` refuses to make it the
    default; booting it anyway (`bootctl set-oneshot` to its entry) fails in the initramfs with a
    console line naming the image, and the machine, powered off and on, boots its default (v2).
+3. The ESP as a power cut can leave it (FAT has no journal): `loader/entries.staged`'s cluster
+   never written (harness.tamper_guest --fat-dir). `status` still answers, naming the unreadable
+   directory; at the next boot bootc-unified-esp-fsck.service repairs it (`fsck.fat -a`), and
+   `fsck.fat -n` (the oracle) finds the ESP clean.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import pytest
 from harness import installed
 from harness.guestmodules import run_module, ship
 from harness.installed import REFERENCES, variant_ref
-from harness.lifecycle import REPO, Steps, entry_id, expect_status, mount_esp, status
+from harness.lifecycle import REPO, Steps, entry_id, esp_check, esp_device, expect_status, mount_esp, status
 from harness.powercut import console_mark, console_since, wait_console
 from harness.pytest_vm import GuestImages, InstalledDiskFactory, VmFactory, artifacts_dir
 from harness.registry import Registry
@@ -166,4 +170,28 @@ def test_tamper(
         vm.wait_ssh()
         doc = expect_status(vm, booted=OS, rollback=OS)
         assert (entry_id(doc["status"]["booted"]), entry_id(doc["status"]["rollback"])) == (v2_id, v1_id)
+
+    with steps.step("the ESP as a power cut leaves it, reboot") as facts:
+        esp = mount_esp(vm)
+        booted_entry = entry_file(vm, v2_id)
+        vm.run(
+            f"mkdir {esp}/loader/entries.staged && cp {esp}/loader/entries/{booted_entry} "
+            f"{esp}/loader/entries.staged/ && umount {esp}"
+        )
+        device = esp_device(vm)
+        with vm.trouble_expected():  # the kernel's FAT errors, and the ESP remounted read-only
+            damage = run_module(vm, "tamper_guest", "--fat-dir", device, "loader/entries.staged")
+            facts["tamper"] = json.loads(damage)
+            got = vm.run(["bootc-unified", "status", "--format", "json"], check=False)
+        assert got.ok, got.stderr
+        named = [w for w in got.stderr.splitlines() if "entries.staged: cannot read boot entries" in w]
+        assert named, got.stderr
+        assert entry_id(json.loads(got.stdout)["status"]["booted"]) == v2_id
+        vm.reboot()  # bootc-unified-esp-fsck.service repairs it before anything mounts it
+        said, verdict = esp_check(vm)
+        facts.update(status_warnings=named, esp_fsck=said, fsck_fat=verdict)
+        assert said.startswith(f"ESP {device}: repaired by fsck.fat -a") and "entries.staged" in said, said
+        got = vm.run(["bootc-unified", "status", "--format", "json"])
+        assert "entries.staged" not in got.stderr, got.stderr
+        assert entry_id(json.loads(got.stdout)["status"]["booted"]) == v2_id
     vm.poweroff()

@@ -1,0 +1,59 @@
+"""`internals fsck-esp` (deploy/espcheck.py) on a real FAT32 image (mkfs.vfat, mtools), damaged
+as a power cut leaves an ESP: `loader/entries.staged`'s cluster never written (harness.tamper_guest
+--fat-dir). The oracle is fsck.fat itself in read-only mode (`-n`) before and after."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bootc_unified.deploy.espcheck import fsck_esp
+from bootc_unified.errors import UserError
+from harness.tamper_guest import zero_fat_dir
+
+
+def esp_image(tmp_path: Path) -> str:
+    image = tmp_path / "esp.img"
+    subprocess.run(["truncate", "-s", "64M", str(image)], check=True)
+    subprocess.run(["mkfs.vfat", "-F", "32", str(image)], check=True, capture_output=True)
+    for d in ("loader", "loader/entries", "loader/entries.staged"):
+        subprocess.run(["mmd", "-i", str(image), f"::{d}"], check=True)
+    conf = tmp_path / "a.conf"
+    conf.write_text("title a\nlinux /a/vmlinuz\n")
+    subprocess.run(["mcopy", "-i", str(image), str(conf), "::loader/entries.staged/a.conf"], check=True)
+    return str(image)
+
+
+def read_only_check(image: str) -> int:
+    return subprocess.run(["fsck.fat", "-n", image], capture_output=True).returncode
+
+
+def test_a_clean_esp_is_left_alone(tmp_path: Path) -> None:
+    image = esp_image(tmp_path)
+    before = Path(image).read_bytes()
+    assert fsck_esp(device=image) == f"ESP {image}: clean"
+    assert Path(image).read_bytes() == before
+
+
+def test_a_directory_a_power_cut_left_unwritten_is_repaired(tmp_path: Path) -> None:
+    image = esp_image(tmp_path)
+    damage = zero_fat_dir(image, "loader/entries.staged")
+    assert read_only_check(image) == 1  # fsck.fat sees the damage
+    said = fsck_esp(device=image)
+    assert said.startswith(f"ESP {image}: repaired by fsck.fat -a: ") and "entries.staged" in said, said
+    assert "\n" not in said
+    assert read_only_check(image) == 0, damage
+    listing = subprocess.run(
+        ["mdir", "-a", "-i", image, "::loader/entries.staged"], check=True, capture_output=True, text=True
+    ).stdout
+    assert "<DIR>" in listing  # '.' and '..' again
+
+
+def test_not_a_fat_filesystem_is_one_line_naming_it(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(bytes(1 << 20))
+    with pytest.raises(UserError) as e:
+        fsck_esp(device=str(junk))
+    assert str(junk) in str(e.value) and "fsck.fat -a failed" in str(e.value) and "\n" not in str(e.value)
