@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from bootc_unified import faults
 from bootc_unified.cstorage import Image, Layer, Segment, Store, read_entries
 from bootc_unified.cstorage.reassemble import (
+    LayerContentDamaged,
     LayerDigestMismatch,
     StreamHasher,
     entry_content_path,
@@ -201,7 +202,7 @@ def _stream_verity(
                     except UserError as e:
                         raise UserError(f"{where}: {e}") from e
                     if result.size != entry.size:
-                        raise UserError(
+                        raise LayerContentDamaged(
                             f"{where}: diff file is {result.size} bytes, tar-split says {entry.size}"
                         )
                     stats.record(result)

@@ -5,7 +5,7 @@ tars are rebuilt from tar-split + diff/ and checked against the DiffID (`reassem
 entry by entry with headers from tar-split and content paths in diff/ (`walk_layer`).
 """
 
-from .reassemble import LayerDigestMismatch, Reassembly, reassemble
+from .reassemble import LayerContentDamaged, LayerDigestMismatch, Reassembly, reassemble
 from .reference import ImageNotFound
 from .store import Image, Layer, PartialLayerError, Store
 from .tarheader import TarHeader
@@ -17,6 +17,7 @@ __all__ = [
     "Image",
     "ImageNotFound",
     "Layer",
+    "LayerContentDamaged",
     "LayerDigestMismatch",
     "LayerEntry",
     "PartialLayerError",

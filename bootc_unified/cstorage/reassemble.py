@@ -29,7 +29,13 @@ class Sink(Protocol):
     def write(self, data: bytes | bytearray | memoryview, /) -> int: ...
 
 
-class LayerDigestMismatch(UserError):
+class LayerContentDamaged(UserError):
+    """A layer's diff/ does not hold what its tar-split records (a file missing, of another size or
+    type, or the reassembled tar not hashing to the DiffID): what a power cut soon after a pull can
+    leave, or tampering."""
+
+
+class LayerDigestMismatch(LayerContentDamaged):
     """The reassembled tar does not hash to the layer's DiffID."""
 
 
@@ -119,7 +125,7 @@ class StreamHasher:
             chunk = self.view[: min(remaining, CHUNK)]
             n = os.preadv(fd, [chunk], offset)
             if n == 0:
-                raise UserError(f"{where}: diff file {shown} ended {remaining} bytes early")
+                raise LayerContentDamaged(f"{where}: diff file {shown} ended {remaining} bytes early")
             data = chunk[:n]
             sha_update(data)
             crc = crc64_iso(data, crc)
@@ -146,16 +152,18 @@ def open_entry(path: bytes, entry: FileEntry, where: str) -> tuple[int, os.stat_
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise UserError(f"{where}: diff file {shown} is missing") from None
+        raise LayerContentDamaged(f"{where}: diff file {shown} is missing") from None
     except OSError as e:
         raise UserError(f"{where}: diff file {shown}: {e.strerror}") from e
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-            raise UserError(f"{where}: diff file {shown} is {kind}")
+            raise LayerContentDamaged(f"{where}: diff file {shown} is {kind}")
         if st.st_size != entry.size:
-            raise UserError(f"{where}: diff file {shown} is {st.st_size} bytes, tar-split says {entry.size}")
+            raise LayerContentDamaged(
+                f"{where}: diff file {shown} is {st.st_size} bytes, tar-split says {entry.size}"
+            )
     except BaseException:
         os.close(fd)
         raise

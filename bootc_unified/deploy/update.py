@@ -35,13 +35,14 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bootc_unified import faults
-from bootc_unified.cstorage import Store
+from bootc_unified.cstorage import LayerContentDamaged, Store
 from bootc_unified.deploy import bls, kargs, remote, softreboot, sysrootlock
 from bootc_unified.deploy.finalize import mounted_image, writable_sysroot
 from bootc_unified.deploy.gc import SYSTEM_STORE, UPDATE_STORE_PREFIX, GcOpts, GcReport, gc
@@ -254,9 +255,22 @@ def pull_and_import(
             return image
 
         _step(progress, "importing", "Importing layers", label, False)
-        imported = import_image(
-            repo, cstore, image_id, zerocopy=path == "unified", build_image=build, name=ref_name
-        )
+        try:
+            imported = import_image(
+                repo, cstore, image_id, zerocopy=path == "unified", build_image=build, name=ref_name
+            )
+        except LayerContentDamaged as e:
+            if path != "unified":
+                raise
+            # A power cut soon after an earlier pull into the bootc store can leave a layer recorded
+            # whole whose files never reached the disk; podman pulls nothing for a layer it has.
+            # Drop the image (and so its damaged layers), pull it again, import once more.
+            print(f"bootc-unified: warning: {e}; pulling {label} again", file=sys.stderr)
+            fetch_store.podman(["rmi", "--force", image_id], check=False)
+            fetch_store.repair()
+            image_id = fetch(fetch_store, target, tls_verify, progress)
+            cstore = Store.open(fetch_store.root)
+            imported = import_image(repo, cstore, image_id, zerocopy=True, build_image=build, name=ref_name)
         _step(progress, "importing", "Importing layers", label, True)
     finally:
         if path == "direct":

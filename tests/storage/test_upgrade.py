@@ -260,6 +260,42 @@ def test_upgrade_unified(
     assert snapshot(t, tmp_path) == staged_before
 
 
+def test_upgrade_pulls_again_a_layer_a_power_cut_emptied(
+    target: Target,
+    upd_images: dict[str, BootImage],
+    registry: Registry,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+) -> None:
+    """What the power-cut scenario met on ext4: an upgrade pulled v2 into the bootc store and the
+    power went before a new layer's files reached the disk (the layer recorded whole, a file of
+    its diff/ empty). podman pulls nothing for a layer it has, so the re-run's import failed its
+    DiffID check. Now upgrade drops the image, pulls it again and imports it, with one warning
+    line. Truncating the file here stands in for the cut (tests/vm/test_power_cut.py makes real
+    ones). Oracles: the bytes v2 was built from vs the file podman's store holds afterwards, the
+    staged deployment."""
+    t, imgs = target, upd_images
+    ref, a = install_v1(t, imgs, registry, request, "--experimental-unified-storage")
+    retag(imgs["v2"], ref)
+    pm = podman_on(t.store, tmp_path / "podman")
+    try:
+        pm("pull", "--tls-verify=false", ref)
+    finally:
+        pm.close()
+    victim = next(p for p in diff_inodes(t.store, ref).values() if str(p).endswith("/usr/share/v2-only"))
+    victim.write_bytes(b"")
+
+    proc = cli("upgrade", t, a, tmp_path, check=False)
+    assert proc.returncode == 0, proc.stderr
+    warnings = proc.stderr.strip().splitlines()
+    assert len(warnings) == 1 and "v2-only" in warnings[0] and f"pulling {ref} again" in warnings[0], warnings
+    b = staged_id(tmp_path)
+    assert f"  Deployment: {b}\n" in proc.stdout and f"  Digest: {imgs['v2'].digest}\n" in proc.stdout
+    again = next(p for p in diff_inodes(t.store, ref).values() if str(p).endswith("/usr/share/v2-only"))
+    assert again.read_bytes() == blob("v2-only", 70_000)
+    assert slot(doc(t, a, tmp_path), "staged")["image"]["imageDigest"] == imgs["v2"].digest  # type: ignore[index]
+
+
 # --- direct path, and both paths give the same repository ---
 
 
