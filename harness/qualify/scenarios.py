@@ -75,6 +75,15 @@ SCENARIOS: tuple[Scenario, ...] = (
         qualify=True,
     ),
     Scenario(
+        "update",
+        "Upgrade to another image, roll back: any images",
+        "Installed v1: upgrade to v2, zero-copy, podman run, rollback; generic checks only (user images)",
+        ("tests/vm/test_update.py::test_update",),
+        covers=("user-update",),
+        expected_seconds=600,
+        user_images=("v1", "v2"),
+    ),
+    Scenario(
         "set-unified",
         "image set-unified, then a soft-reboot upgrade",
         "image set-unified on a direct install (deduped), then upgrade --soft-reboot=auto",

@@ -44,9 +44,16 @@ def test_defaults(tmp_path: Path) -> None:
 
 def test_a_users_image_selects_the_scenarios_that_take_it(tmp_path: Path) -> None:
     opts, args = args_of("--image", "quay.io/x/os:1", "--fs", "ext4", tmp_path=tmp_path)
-    assert [s.name for s in opts.scenarios] == [s.name for s in taking("v1")] == ["install"]
+    assert [s.name for s in opts.scenarios] == [s.name for s in taking("v1")] == ["install", "update"]
     assert value(args, "--user-image") == "quay.io/x/os:1" and "--user-update-image" not in args
-    assert [a for a in args if a.startswith("tests/")] == list(BY_NAME["install"].nodes)
+    nodes = [*BY_NAME["install"].nodes, *BY_NAME["update"].nodes]
+    assert [a for a in args if a.startswith("tests/")] == nodes
+    # both images: what takes both (the update scenario); the update image alone: the same
+    both = ("--image", "quay.io/x/os:1", "--update-image", "quay.io/x/os:2")
+    for argv in (both, ("--update-image", "x/os:2")):
+        opts, args = args_of(*argv, tmp_path=tmp_path)
+        assert [s.name for s in opts.scenarios] == [s.name for s in taking("v2")] == ["update"]
+        assert value(args, "--user-update-image") == argv[-1]
 
 
 def test_filesystems_repeatable_or_comma_separated_in_registry_order(tmp_path: Path) -> None:
@@ -99,8 +106,9 @@ def test_libvirt_uri_goes_to_the_libvirt_backend(tmp_path: Path) -> None:
     ("argv", "words"),
     [
         (
-            ["--update-image", "quay.io/x/os:2"],
-            "--update-image quay.io/x/os:2: no scenario takes --update-image",
+            ["--update-image", "quay.io/x/os:2", "--scenario", "install"],
+            "--update-image quay.io/x/os:2: scenario install runs on the built-in images only; "
+            "--update-image is taken by: update",
         ),
         (
             ["--image", "quay.io/x/os:1", "--scenario", "install,lifecycle"],
