@@ -11,6 +11,8 @@ run into a fresh repository each time:
   - extra data (statvfs before/after, synced) as a fraction of the image's bytes, next to the same
     figure for the zero-copy copy;
   - re-import of the image once all of its layers are present;
+  - an update: the image plus one small layer (1 MiB), imported with its EROFS image once the
+    image is, as a share of the import (issue 13: <= 10%);
   - EROFS image creation from the layer streams vs `mkfs.erofs` of the same flattened tree
     (podman's own mount of the image), page cache warm.
 
@@ -22,6 +24,7 @@ The image is built with buildah, one layer per --source (default: /usr/bin, /usr
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -41,6 +44,7 @@ from testsupport.cstore_fixtures import StoreDirs, build_layered_image, make_sto
 from testsupport.treeadd import drop_caches, measure_floor, sync_fs, tree_bytes
 
 IMAGE = "localhost/bench-import:latest"
+UPDATE = "localhost/bench-import:update"  # IMAGE + one small layer
 DEFAULT_SOURCES = ["/usr/bin", f"/usr/lib/python3.{sys.version_info.minor}", "/usr/share"]
 
 
@@ -55,6 +59,7 @@ def bench_one(kind: str, sources: list[str], workdir: Path, caches: list[str]) -
         dirs = make_store_dirs(fs.path / "store")
         try:
             build_layered_image(dirs, sources, IMAGE)
+            _build_update(dirs, workdir)
             store = Store.open(dirs.root)
             image = store.image(IMAGE)
             diffs = [layer.diff_path for layer in image.layers]
@@ -78,6 +83,11 @@ def bench_one(kind: str, sources: list[str], workdir: Path, caches: list[str]) -
                 start = time.monotonic()
                 import_image(repo, store, IMAGE, zerocopy=True, build_image=None)
                 reimport_s = time.monotonic() - start
+                if cold:
+                    drop_caches()
+                start = time.monotonic()
+                import_image(repo, store, UPDATE, zerocopy=True, build_image=create_image)
+                update_s = time.monotonic() - start
                 m = result.stats.by_method
                 rows.append(
                     [
@@ -94,6 +104,7 @@ def bench_one(kind: str, sources: list[str], workdir: Path, caches: list[str]) -
                         pct(extra, image_bytes),
                         pct(floor.copy_extra_bytes, image_bytes),
                         f"{reimport_s:.2f} ({100 * reimport_s / total_s:.1f}%)",
+                        f"{update_s:.2f} ({100 * update_s / total_s:.1f}%)",
                     ]
                 )
                 shutil.rmtree(repo_path)
@@ -102,6 +113,24 @@ def bench_one(kind: str, sources: list[str], workdir: Path, caches: list[str]) -
         finally:
             release_store(dirs)
     return rows
+
+
+def _build_update(dirs: StoreDirs, workdir: Path) -> None:
+    """UPDATE: IMAGE plus one small layer (a 1 MiB file), as an upgrade that changes one thing."""
+    src = workdir / "update-layer"
+    src.mkdir(exist_ok=True)
+    (src / "changed").write_bytes(os.urandom(1 << 20))
+    base = dirs.buildah()
+
+    def buildah(*argv: str) -> str:
+        return subprocess.run([*base, *argv], env=dirs.env, check=True, capture_output=True, text=True).stdout
+
+    ctr = buildah("from", "--pull-never", IMAGE).strip()
+    try:
+        buildah("copy", ctr, str(src), "/update")
+        buildah("commit", "--quiet", ctr, UPDATE)
+    finally:
+        subprocess.run([*base, "rm", ctr], env=dirs.env, capture_output=True)
 
 
 def _timed(seconds: list[float]) -> Callable[[Repository, list[tuple[str, str]]], str]:
@@ -169,6 +198,7 @@ def main() -> int:
         "extra",
         "copy extra",
         "re-import s (of import)",
+        "update s (of import)",
         "EROFS s vs mkfs.erofs s",
     ]
     for col in columns:
