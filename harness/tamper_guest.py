@@ -10,9 +10,9 @@ sees the write), and drops the page cache so the next read of FILE comes from th
 one JSON object: device, physical offset, the byte before and after.
 
 `--fat-dir`: the FAT filesystem on DEVICE (unmounted; a device or an image file) as a power cut
-can leave it: directory DIR's first cluster zeroed (its entries never written), the FAT and the
-parent's entry left as they were. The cluster is found with mtools' `mshowfat`, its offset from
-the boot sector's own fields (FAT32 and FAT12/16 alike).
+can leave it: directory DIR's entry in its parent written, its first cluster (its own entries)
+and that cluster's FAT entry not (zeroed: free). The cluster is found with mtools' `mshowfat`,
+the offsets from the boot sector's own fields (FAT16 and FAT32).
 
 Standard library only (it runs with the guest's python3, like harness.zerocopy_audit).
 """
@@ -86,15 +86,9 @@ def flip(device: str, physical: int) -> tuple[int, int]:
     return old, new
 
 
-def fat_dir_cluster(device: str, path: str) -> tuple[int, int, int]:
-    """(first cluster of `path`, its byte offset on `device`, cluster size in bytes)."""
-    out = subprocess.run(
-        ["mshowfat", "-i", device, f"::{path}"], check=True, capture_output=True, text=True
-    ).stdout
-    found = re.search(r"<(\d+)", out)
-    if found is None:
-        raise SystemExit(f"mshowfat {device} ::{path}: no cluster in {out.strip()!r}")
-    cluster = int(found.group(1))
+def fat_layout(device: str) -> dict[str, int]:
+    """The boot sector's geometry: bytes per sector and cluster, where the FATs and the data area
+    start, how many FATs, the FAT entry width (FAT16: 2 bytes, FAT32: 4; FAT12 is refused)."""
     with open(device, "rb") as f:
         boot = f.read(512)
     sector = int.from_bytes(boot[11:13], "little")
@@ -102,22 +96,52 @@ def fat_dir_cluster(device: str, path: str) -> tuple[int, int, int]:
     reserved = int.from_bytes(boot[14:16], "little")
     fats = boot[16]
     root_entries = int.from_bytes(boot[17:19], "little")
-    fat_size = int.from_bytes(boot[22:24], "little") or int.from_bytes(boot[36:40], "little")
+    total = int.from_bytes(boot[19:21], "little") or int.from_bytes(boot[32:36], "little")
+    fat16_size = int.from_bytes(boot[22:24], "little")
+    fat_size = fat16_size or int.from_bytes(boot[36:40], "little")
     root_sectors = (root_entries * 32 + sector - 1) // sector
-    data = (reserved + fats * fat_size + root_sectors) * sector
-    return cluster, data + (cluster - 2) * per_cluster * sector, per_cluster * sector
+    data = reserved + fats * fat_size + root_sectors
+    clusters = (total - data) // per_cluster
+    if fat16_size and clusters < 4085:
+        raise SystemExit(f"{device}: FAT12, not handled")
+    return {
+        "sector": sector,
+        "cluster": per_cluster * sector,
+        "fat": reserved * sector,
+        "fat_bytes": fat_size * sector,
+        "fats": fats,
+        "data": data * sector,
+        "entry": 2 if fat16_size else 4,
+    }
+
+
+def fat_dir_cluster(device: str, path: str) -> int:
+    """The first cluster of directory `path` (mtools' `mshowfat`)."""
+    out = subprocess.run(
+        ["mshowfat", "-i", device, f"::{path}"], check=True, capture_output=True, text=True
+    ).stdout
+    found = re.search(r"<(\d+)", out)
+    if found is None:
+        raise SystemExit(f"mshowfat {device} ::{path}: no cluster in {out.strip()!r}")
+    return int(found.group(1))
 
 
 def zero_fat_dir(device: str, path: str) -> dict[str, object]:
-    cluster, offset, size = fat_dir_cluster(device, path)
+    """Directory `path`'s first cluster zeroed and its FAT entry (in every FAT copy) marked free:
+    the directory's entry in its parent was written, its cluster and its FAT entry were not."""
+    cluster = fat_dir_cluster(device, path)
+    geo = fat_layout(device)
+    offset = geo["data"] + (cluster - 2) * geo["cluster"]
     fd = os.open(device, os.O_RDWR)
     try:
-        os.pwrite(fd, bytes(size), offset)
+        os.pwrite(fd, bytes(geo["cluster"]), offset)
+        for n in range(geo["fats"]):
+            os.pwrite(fd, bytes(geo["entry"]), geo["fat"] + n * geo["fat_bytes"] + cluster * geo["entry"])
         os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
-    return {"device": device, "dir": path, "cluster": cluster, "offset": offset, "bytes": size}
+    return {"device": device, "dir": path, "cluster": cluster, "offset": offset, "bytes": geo["cluster"]}
 
 
 def main(argv: list[str]) -> int:
