@@ -63,8 +63,9 @@ images: the scenarios run on the built-in test images (images/guest: a Debian tr
 exit status: 0 every scenario passed; 1 a scenario failed; 2 usage; 3 the harness could not run
   a scenario (skipped for a missing prerequisite, interrupted, no scenario collected).
 
-expected wall time per filesystem under TCG (KVM: a fraction): lifecycle ~25 min, set-unified
-  ~15 min, install ~3-10 min, smoke ~2 min, zstd-chunked ~2.5 min.
+expected wall time per filesystem under TCG (KVM: a fraction): power-cut ~30 min, lifecycle
+  ~25 min, set-unified ~15 min, tamper ~15 min, update ~10 min, install ~3-10 min, smoke ~2 min,
+  zstd-chunked ~2.5 min.
 """
 
 
