@@ -136,7 +136,9 @@ def stage(
             state.write_deployment(sysroot, new_id, new_root, origin)
             faults.point("stage-after-state")
 
-        # 6. the staged entries
+        # 6. the staged entries, once the repository, the state dir and the kernel dir are durable:
+        # a power cut must not leave a boot entry naming what did not reach the disk
+        os.sync()
         version = new_os.version(new_id)
         primary = bls.BlsEntry(
             title=new_os.title(new_id),

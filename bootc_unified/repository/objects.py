@@ -8,6 +8,7 @@ else a hardlink to the source inode, else a copy.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import os
@@ -195,14 +196,34 @@ class ObjectStore:
         try:
             link_fd_within(fd, dest, self.dir)
         except FileExistsError:
-            return False
+            if self._intact(dest, os.fstat(fd).st_size):
+                return False
+            # A leftover whose data a power cut lost (named, but its size is not the content's,
+            # typically 0): this inode replaces it, atomically.
+            spare = f"{prefix}/.replace-{os.getpid()}-{object_id[2:18]}"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(spare)
+            link_fd_within(fd, spare, self.dir)
+            os.rename(spare, dest)
         faults.point("object-after-link")
         return True
+
+    @staticmethod
+    def _intact(path: str, size: int) -> bool:
+        """Whether the object at `path` has the content's size (a stat, no data read)."""
+        try:
+            return os.stat(path).st_size == size
+        except FileNotFoundError:
+            return False
+
+    def present(self, object_id: str, size: int) -> bool:
+        """The object exists with the content's size: not a leftover a power cut emptied."""
+        return self._intact(f"{self._dir_str}/{object_id[:2]}/{object_id[2:]}", size)
 
     def ensure_object(self, data: bytes) -> ObjectResult:
         """Store bytes as an object (written, not shared)."""
         object_id = verity.digest_bytes(data, self.alg).hex()
-        if object_id in self:
+        if self.present(object_id, len(data)):
             return ObjectResult(object_id, Method.PRESENT, len(data))
         try:
             fd = self._tmpfile()
@@ -272,7 +293,7 @@ class ObjectStore:
         # Where the next step is a hardlink, linkat itself says whether the object exists (one
         # syscall less per file); before a reflink or a copy, look first.
         hardlink_next = st.st_dev == self._dev and self._reflink_probe.known_unsupported(st.st_dev, self._dev)
-        if known_id is not None and not hardlink_next and known_id in self:
+        if known_id is not None and not hardlink_next and self.present(known_id, size):
             return ObjectResult(known_id, Method.PRESENT, size)
 
         if not self._reflink_probe.known_unsupported(st.st_dev, self._dev):
