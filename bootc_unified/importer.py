@@ -260,7 +260,8 @@ def import_image(
         config = store.big_data(image.record, image.config_digest)
         manifest = raw_manifest(store, image)
         result = ImportResult(ref, image.manifest_digest, image.config_digest)
-        with repo.writer_lock():
+        repo.recover()  # what an interrupted earlier write left
+        with repo.writer_lock(), repo.transaction():
             # Every layer still to import must be whole before any is: a partially pulled one the
             # store lacks a tar-split or DiffID for is refused up front, with nothing written.
             for layer in image.layers:

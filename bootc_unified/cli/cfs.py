@@ -31,6 +31,9 @@ def register(groups: Any) -> None:
     fsck = verbs.add_parser("fsck", help="check objects, streams, refs and images")
     fsck.set_defaults(func=_cfs_fsck)
 
+    rec = verbs.add_parser("recover", help="after an interrupted write: remove the damaged objects it left")
+    rec.set_defaults(func=_cfs_recover)
+
     imp = verbs.add_parser("import", help="import an image from a containers-storage (zero-copy)")
     imp.add_argument("--zerocopy", action="store_true", help="fail rather than copy data")
     imp.add_argument("--storage", type=Path, required=True, metavar="ROOT")
@@ -128,6 +131,14 @@ def _cfs_ls_refs(args: argparse.Namespace) -> int:
 
     for name, target in Repository.open(args.repo).refs().items():
         print(f"{name} {target or '(broken)'}")
+    return 0
+
+
+def _cfs_recover(args: argparse.Namespace) -> int:
+    from bootc_unified.repository import Repository
+
+    report = Repository.open(args.repo).recover()
+    print(report.line(args.repo) if report else f"{args.repo}: nothing to recover")
     return 0
 
 

@@ -12,6 +12,7 @@
         [--progress-fd N] [--experimental-unified-storage] IMAGE
     internals finalize-staged [--sysroot DIR] [--esp DIR] [--etc DIR]   (hidden; the finalize unit's ExecStop)
     internals fsck-esp [--sysroot DIR] [--device DEV]   (hidden; bootc-unified-esp-fsck.service at boot)
+    internals recover [--sysroot DIR]   (hidden; bootc-unified-recover.service at boot)
 
 Each handler turns argv into a frozen options dataclass (`*_opts(args)`, tested in
 tests/unit/test_cli.py) and calls the deploy module with it.
@@ -153,6 +154,9 @@ def register_internals(groups: Any) -> None:
     fsck.add_argument("--sysroot", type=Path, default=Path("/sysroot"), metavar="DIR")
     fsck.add_argument("--device", default=None, metavar="DEV", help="default: the ESP of DIR's disk")
     fsck.set_defaults(func=_fsck_esp)
+    rec = groups.add_parser("recover")
+    rec.add_argument("--sysroot", type=Path, default=Path("/sysroot"), metavar="DIR")
+    rec.set_defaults(func=_recover)
 
 
 def _progress_fd(fd: int | None) -> int | None:
@@ -393,6 +397,21 @@ def _fsck_esp(args: argparse.Namespace) -> int:
     from bootc_unified.deploy.espcheck import fsck_esp
 
     print(fsck_esp(args.sysroot, args.device))
+    return 0
+
+
+def _recover(args: argparse.Namespace) -> int:
+    from bootc_unified.deploy.finalize import writable_sysroot
+    from bootc_unified.deploy.sysroot import Sysroot
+    from bootc_unified.repository import TRANSACTIONS, Repository
+
+    sysroot = Sysroot(args.sysroot)
+    if not (sysroot.repo / TRANSACTIONS).is_dir() or not any((sysroot.repo / TRANSACTIONS).iterdir()):
+        print(f"{sysroot.repo}: nothing to recover")
+        return 0
+    writable_sysroot(args.sysroot)
+    report = Repository.open(sysroot.repo).recover()
+    print(report.line(sysroot.repo) if report else f"{sysroot.repo}: nothing to recover")
     return 0
 
 

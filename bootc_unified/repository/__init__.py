@@ -8,14 +8,17 @@ images/, images/refs/     EROFS images and their names
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bootc_unified import verity
@@ -35,9 +38,42 @@ from bootc_unified.repository.refs import (
 )
 from bootc_unified.verity import HashAlg
 
-__all__ = ["Method", "ObjectResult", "Repository", "escape_ref"]
+__all__ = ["Method", "ObjectResult", "RecoverReport", "Repository", "escape_ref"]
 
 SUBDIRS = ("objects", "streams", "streams/refs", "images", "images/refs")
+
+
+TRANSACTIONS = "transactions"  # markers of writes in progress (Repository.transaction)
+
+
+@dataclass
+class RecoverReport:
+    markers: int  # interrupted writes found
+    checked: int = 0  # objects changed since the oldest one began, re-digested
+    removed: list[str] = field(default_factory=list)  # damaged objects removed
+    unnamed: list[str] = field(default_factory=list)  # streams/<id>, images/<id> names they took along
+
+    def line(self, repo: Path) -> str:
+        return (
+            f"{repo}: recovered from {self.markers} interrupted write(s): {self.checked} objects checked, "
+            f"{len(self.removed)} damaged removed, {len(self.unnamed)} names dropped"
+        )
+
+
+def _has_entries(directory: Path) -> bool:
+    try:
+        with os.scandir(directory) as it:
+            return any(True for _ in it)
+    except FileNotFoundError:
+        return False
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @functools.cache
@@ -161,6 +197,69 @@ class Repository:
         finally:
             os.close(fd)
 
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """A write of objects in progress: `transactions/<pid>-<token>`, created and synced before
+        the body runs, removed after the body's writes are synced. A marker left behind means a
+        writer died or the power went while it wrote (see recover())."""
+        markers = self.path / TRANSACTIONS
+        markers.mkdir(mode=0o700, exist_ok=True)
+        marker = markers / f"{os.getpid()}-{secrets.token_hex(4)}"
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(markers)
+        try:
+            yield
+        finally:
+            self.sync()
+            marker.unlink(missing_ok=True)
+
+    def recover(self) -> RecoverReport | None:
+        """After an interrupted write (a marker in `transactions/`): every object changed since
+        the oldest marker is re-digested, and one whose content is not its name (what a power
+        cut leaves: data lost under a kept name) is removed, with the `streams/<id>` and
+        `images/<id>` names left pointing nowhere; then the markers go. Exclusive: no writer
+        runs meanwhile. None when there was nothing to recover."""
+        markers = self.path / TRANSACTIONS
+        if not _has_entries(markers):
+            return None
+        with self.gc_lock():
+            found = [m for m in markers.iterdir()]
+            if not found:
+                return None
+            since = min(m.lstat().st_mtime for m in found) - 2.0  # coarse timestamps
+            report = RecoverReport(markers=len(found))
+            for prefix in os.scandir(self.objects.dir):
+                if not prefix.is_dir(follow_symlinks=False):
+                    continue
+                for entry in os.scandir(prefix.path):
+                    st = entry.stat(follow_symlinks=False)
+                    if not entry.is_file(follow_symlinks=False) or st.st_ctime < since:
+                        continue
+                    report.checked += 1
+                    object_id = prefix.name + entry.name
+                    try:
+                        intact = verity.digest_file(entry.path, self.alg).hex() == object_id
+                    except OSError:
+                        intact = False
+                    if not intact:
+                        os.unlink(entry.path)
+                        report.removed.append(f"objects/{prefix.name}/{entry.name}")
+            if report.removed:
+                for top in ("streams", "images"):
+                    for link in (self.path / top).iterdir():
+                        if link.is_symlink() and not link.exists():
+                            link.unlink()
+                            report.unnamed.append(f"{top}/{link.name}")
+            self.sync()
+            for m in found:
+                m.unlink()
+            _fsync_dir(markers)
+        return report
+
     def write_stream(self, content_id: str, data: bytes) -> str:
         """Store a finished splitstream as an object and name it streams/<content_id>, once
         everything it refers to is durable."""
@@ -243,4 +342,8 @@ class Repository:
         with self.writer_lock():
             check_objects(self.objects, report)
             check_links(self, report)
+        if report.problems and _has_entries(self.path / TRANSACTIONS):
+            report.problems.append(
+                f"{TRANSACTIONS}/: a write was interrupted; `recover` or the next import removes what it left"
+            )
         return report

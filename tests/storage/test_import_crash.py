@@ -148,15 +148,18 @@ def test_kill_anywhere_then_fsck_and_rerun(
         assert differences(theirs, ours) == [], f"after a kill at {point} and a re-run"
 
 
+@pytest.mark.parametrize("way", ["recover", "reimport-without-marker"])
 def test_objects_a_power_cut_emptied_are_replaced(
-    loopfs: LoopFs, pulled: tuple[ImageStore, str], tmp_path: Path
+    loopfs: LoopFs, pulled: tuple[ImageStore, str], way: str
 ) -> None:
     """What the power-cut scenario met on btrfs: an import cut off before it named its first layer's
     stream left objects under their names whose data never reached the disk (the inode's size 0;
-    with fs-verity, the descriptor kept). A re-run must not take them for the content their names
-    promise: each one is replaced. A kill before the stream is named, then emptying objects in
-    place (unlink + an empty file under the same name), stands in for the cut. Oracle: the
-    `fsverity digest` tool over every object afterwards; fsck before the re-run names them."""
+    with fs-verity, the descriptor kept). A kill before the stream is named, then emptying objects in
+    place (unlink + an empty file under the same name), stands in for the cut. fsck names them and
+    the interrupted write. `recover` (what bootc-unified-recover.service runs at boot, and every
+    import first) removes exactly them; with the marker lost too, the re-run import still does not
+    take them for the content their names promise (a size check) and replaces them. Oracle: the
+    `fsverity digest` tool over every object afterwards."""
     require([] if shutil.which("fsverity") else ["fsverity (fsverity-utils)"], "checking object digests")
     store, ref = pulled
     repo = loopfs.path / "composefs"
@@ -165,6 +168,7 @@ def test_objects_a_power_cut_emptied_are_replaced(
     env = {"BOOTC_UNIFIED_CRASH_AT": "import-layer-before-publish:1"}
     crashed = run_cli("internals", "cfs", "--repo", repo, *import_args, check=False, env=env)
     assert crashed.returncode == -9, crashed.stderr
+    assert len(list((repo / "transactions").iterdir())) == 1  # the killed import's marker
     objects = sorted(p for p in (repo / "objects").glob("??/*") if p.is_file() and p.stat().st_size > 0)
     emptied = objects[:: max(1, len(objects) // 5)][:5]
     assert len(emptied) >= 3, objects
@@ -172,9 +176,19 @@ def test_objects_a_power_cut_emptied_are_replaced(
         path.unlink()
         path.write_bytes(b"")
     fsck = run_cli("internals", "cfs", "--repo", repo, "fsck", check=False)
-    assert fsck.returncode != 0 and all(p.name in fsck.stdout + fsck.stderr for p in emptied), fsck.stdout
+    assert fsck.returncode != 0 and all(p.name in fsck.stdout for p in emptied), fsck.stdout
+    assert "transactions/: a write was interrupted" in fsck.stdout
+    if way == "recover":
+        out = run_cli("internals", "cfs", "--repo", repo, "recover").stdout
+        assert f"{len(emptied)} damaged removed" in out, out
+        assert not any(p.exists() for p in emptied)
+        assert run_cli("internals", "cfs", "--repo", repo, "fsck").returncode == 0
+        assert run_cli("internals", "cfs", "--repo", repo, "recover").stdout.endswith("nothing to recover\n")
+    else:
+        shutil.rmtree(repo / "transactions")
     run_cli("internals", "cfs", "--repo", repo, *import_args)
     assert all(p.stat().st_size > 0 for p in emptied)
+    assert list((repo / "transactions").iterdir()) == []
     checked, bad = fsverity_mismatches(repo)
     assert checked > 10 and bad == [], bad[:3]
     assert run_cli("internals", "cfs", "--repo", repo, "fsck").returncode == 0
