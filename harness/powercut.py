@@ -59,6 +59,7 @@ class Cut:
     boot_seconds: float = 0.0  # start to SSH after the cut
     fsck: str = ""
     esp: str = ""  # what bootc-unified-esp-fsck.service said at the boot after the cut
+    recovered: str = ""  # what bootc-unified-recover.service said (an interrupted repository write)
 
 
 def derived_image(builder: ImageBuilder, base: GuestImage, trial: int) -> str:
@@ -210,6 +211,7 @@ def check_whole(vm: Machine, allowed: dict[str, str]) -> dict[str, Any]:
     status's booted and rollback; no failed unit; the console clean; fsck clean; the ESP clean by
     fsck.fat -n (the boot's esp-fsck unit repairs what a cut left). Returns facts."""
     esp_said, _ = esp_check(vm)  # before anything of ours mounts it
+    recovered = vm.run("journalctl -b -o cat -u bootc-unified-recover.service | grep ': recovered' || true")
     doc = status(vm)
     st = doc["status"]
     booted = entry_id(st["booted"])
@@ -227,4 +229,4 @@ def check_whole(vm: Machine, allowed: dict[str, str]) -> dict[str, Any]:
     listed = json.loads(vm.run(["bootc-unified", "image", "list", "--format", "json"]).stdout)
     assert image in {name for row in listed for name in row["names"]}, listed
     facts = {"booted": booted, "outcome": allowed[booted], "fsck": fsck(vm), "entries": len(entries)}
-    return facts | {"esp": esp_said}
+    return facts | {"esp": esp_said, "recovered": recovered.stdout.strip()}
