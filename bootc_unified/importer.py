@@ -261,34 +261,44 @@ def import_image(
         manifest = raw_manifest(store, image)
         result = ImportResult(ref, image.manifest_digest, image.config_digest)
         repo.recover()  # what an interrupted earlier write left
-        with repo.writer_lock(), repo.transaction():
+        with repo.writer_lock():
             # Every layer still to import must be whole before any is: a partially pulled one the
             # store lacks a tar-split or DiffID for is refused up front, with nothing written.
             for layer in image.layers:
                 if repo.has_stream(layer_content_id(layer.diff_id)) is None:
                     layer.check_complete()
-            layer_streams: list[tuple[str, str]] = []
-            for layer in image.layers:
-                present = repo.has_stream(layer_content_id(layer.diff_id))
-                if present is not None:
-                    result.layers_present += 1
-                    layer_streams.append((layer.diff_id, present))
-                    continue
-                layer_streams.append((layer.diff_id, import_layer(repo, layer, result.stats, zerocopy)))
-                result.layers_imported += 1
-            if build_image is not None:
-                result.image_id = build_image(repo, layer_streams)
-            publish(
-                repo,
-                name or ref,
-                config,
-                image.config_digest,
-                manifest,
-                image.manifest_digest,
-                layer_streams,
-                result.image_id,
-            )
+            with repo.transaction():
+                layer_streams = _import_layers(repo, image, result, zerocopy, build_image)
+                publish(
+                    repo,
+                    name or ref,
+                    config,
+                    image.config_digest,
+                    manifest,
+                    image.manifest_digest,
+                    layer_streams,
+                    result.image_id,
+                )
     return result
+
+
+def _import_layers(
+    repo: Repository, image: Image, result: ImportResult, zerocopy: bool, build_image: BuildImage | None
+) -> list[tuple[str, str]]:
+    """The layers not yet in the repository (their streams), then the EROFS image; returns the
+    (DiffID, layer stream) pairs."""
+    layer_streams: list[tuple[str, str]] = []
+    for layer in image.layers:
+        present = repo.has_stream(layer_content_id(layer.diff_id))
+        if present is not None:
+            result.layers_present += 1
+            layer_streams.append((layer.diff_id, present))
+            continue
+        layer_streams.append((layer.diff_id, import_layer(repo, layer, result.stats, zerocopy)))
+        result.layers_imported += 1
+    if build_image is not None:
+        result.image_id = build_image(repo, layer_streams)
+    return layer_streams
 
 
 def publish(
