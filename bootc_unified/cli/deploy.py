@@ -403,10 +403,10 @@ def _fsck_esp(args: argparse.Namespace) -> int:
 def _recover(args: argparse.Namespace) -> int:
     from bootc_unified.deploy.finalize import writable_sysroot
     from bootc_unified.deploy.sysroot import Sysroot
-    from bootc_unified.repository import TRANSACTIONS, Repository
+    from bootc_unified.repository import Repository, interrupted
 
     sysroot = Sysroot(args.sysroot)
-    if not (sysroot.repo / TRANSACTIONS).is_dir() or not any((sysroot.repo / TRANSACTIONS).iterdir()):
+    if not interrupted(sysroot.repo):  # a clean boot: no rw remount, nothing read
         print(f"{sysroot.repo}: nothing to recover")
         return 0
     writable_sysroot(args.sysroot)

@@ -60,9 +60,11 @@ class RecoverReport:
         )
 
 
-def _has_entries(directory: Path) -> bool:
+def interrupted(repo: Path) -> bool:
+    """Whether a write's marker is left in `repo`'s transactions/ (a writer still running, or one
+    a crash or power cut interrupted): a directory read, nothing opened."""
     try:
-        with os.scandir(directory) as it:
+        with os.scandir(repo / TRANSACTIONS) as it:
             return any(True for _ in it)
     except FileNotFoundError:
         return False
@@ -224,7 +226,7 @@ class Repository:
         `images/<id>` names left pointing nowhere; then the markers go. Exclusive: no writer
         runs meanwhile. None when there was nothing to recover."""
         markers = self.path / TRANSACTIONS
-        if not _has_entries(markers):
+        if not interrupted(self.path):
             return None
         with self.gc_lock():
             found = [m for m in markers.iterdir()]
@@ -342,7 +344,7 @@ class Repository:
         with self.writer_lock():
             check_objects(self.objects, report)
             check_links(self, report)
-        if report.problems and _has_entries(self.path / TRANSACTIONS):
+        if report.problems and interrupted(self.path):
             report.problems.append(
                 f"{TRANSACTIONS}/: a write was interrupted; `recover` or the next import removes what it left"
             )
