@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 
 from bootc_unified.cstorage.reassemble import name_parts
-from bootc_unified.cstorage.tarheader import BLOCK, HeaderError, TarHeader, parse_header, parse_number
+from bootc_unified.cstorage.tarheader import HeaderError
 from bootc_unified.cstorage.walk import OPAQUE_MARKER, WHITEOUT_PREFIX
 from bootc_unified.erofs import format as erofs_format
-from bootc_unified.erofs.tree import INLINE_MAX, Device, Directory, Fifo, InodeMeta, Node, Regular, Symlink
+from bootc_unified.erofs.tree import Device, Directory, Fifo, InodeMeta, Node, Regular, Symlink
 from bootc_unified.errors import UserError
+from bootc_unified.layerindex import Member, layer_members
 from bootc_unified.repository import Repository, splitstream
 
-_EXTENSION_TYPES = (b"x", b"g", b"L", b"K")
-_ZERO_BLOCK = bytes(BLOCK)
 DEFAULT_DIR_MODE = stat.S_IFDIR | 0o755
 
 
@@ -38,96 +36,13 @@ class LayerError(UserError):
     """A layer whose content cannot be applied; the message names the layer and the entry."""
 
 
-@dataclass(frozen=True)
-class Member:
-    header: TarHeader
-    data: bytes | None  # inline content (regular files of at most 64 bytes)
-    object_id: str | None  # external content
-
-
-class _ChunkReader:
-    """Reads inline bytes and external references from splitstream chunks, in stream order."""
-
-    def __init__(self, chunks: Iterable[bytes | str]) -> None:
-        self._chunks = iter(chunks)
-        self._buf = bytearray()
-        self._pos = 0
-        self._external: str | None = None
-
-    def _fill(self) -> bool:
-        if self._external is not None:
-            return False
-        chunk = next(self._chunks, None)
-        if chunk is None:
-            return False
-        if isinstance(chunk, str):
-            self._external = chunk
-            return False
-        if self._pos > 1 << 20:
-            del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += chunk
-        return True
-
-    def read(self, n: int) -> bytes | None:
-        """Exactly n inline bytes; None at the very end of the stream; error if cut short."""
-        while len(self._buf) - self._pos < n:
-            if not self._fill():
-                if self._pos == len(self._buf) and self._external is None:
-                    return None
-                raise HeaderError("stream ends or reaches file content in the middle of a tar header")
-        out = bytes(self._buf[self._pos : self._pos + n])
-        self._pos += n
-        return out
-
-    def read_external(self) -> str:
-        if self._pos == len(self._buf) and self._external is None:
-            self._fill()
-        if self._pos != len(self._buf) or self._external is None:
-            raise HeaderError("expected an object reference for file content")
-        object_id, self._external = self._external, None
-        return object_id
-
-
-def tar_members(chunks: Iterable[bytes | str]) -> Iterator[Member]:
-    """The members of a layer tar stored as a splitstream, with their content or object reference."""
-    reader = _ChunkReader(chunks)
-    global_pax: dict[str, bytes] = {}
-    while True:
-        block = reader.read(BLOCK)
-        if block is None or block == _ZERO_BLOCK:
-            return
-        chain = bytearray(block)
-        while block[156:157] in _EXTENSION_TYPES:
-            size = parse_number(block[124:136])
-            payload = reader.read(-(-size // BLOCK) * BLOCK)
-            block = reader.read(BLOCK)
-            if payload is None or block is None:
-                raise HeaderError("stream ends inside an extended header")
-            chain += payload + block
-        header = parse_header(bytes(chain), global_pax)
-        data: bytes | None = None
-        object_id: str | None = None
-        if header.kind == "file" and header.size > 0:
-            if header.size > INLINE_MAX:
-                object_id = reader.read_external()
-            else:
-                data = reader.read(header.size)
-                if data is None:
-                    raise HeaderError("stream ends inside file content")
-        padding = -header.size % BLOCK if header.kind == "file" else 0
-        if padding and reader.read(padding) is None:
-            raise HeaderError("stream ends inside file padding")
-        yield Member(header, data, object_id)
-
-
 class Flattener:
     def __init__(self) -> None:
         self.root = Directory(mode=DEFAULT_DIR_MODE)
         self._layer_paths: set[bytes] = set()  # paths the layer being applied has created
 
-    def _error(self, label: str, header: TarHeader, why: str) -> LayerError:
-        shown = header.name.decode("utf-8", "backslashreplace")
+    def _error(self, label: str, member: Member, why: str) -> LayerError:
+        shown = member.name.decode("utf-8", "backslashreplace")
         return LayerError(f"layer {label}: entry {shown!r}: {why}")
 
     def _parent(self, parts: list[bytes], create: bool) -> Directory | None:
@@ -167,28 +82,28 @@ class Flattener:
         self._layer_paths = set()
         for m in members:  # whiteouts and opaque markers act on the layers below
             try:
-                parts = name_parts(m.header.name)
+                parts = name_parts(m.name)
                 base = parts[-1] if parts else b""
                 if base == OPAQUE_MARKER:
                     self._opaque(parts[:-1])
                 elif base.startswith(WHITEOUT_PREFIX):
                     self._remove([*parts[:-1], base[len(WHITEOUT_PREFIX) :]])
-                elif m.header.kind == "char" and m.header.devmajor == 0 and m.header.devminor == 0:
+                elif m.kind == "char" and m.devmajor == 0 and m.devminor == 0:
                     self._remove(parts)
                 else:
                     entries.append((m, parts))
             except ValueError as e:
-                raise self._error(label, m.header, str(e)) from None
+                raise self._error(label, m, str(e)) from None
         seen: set[bytes] = set()
         for m, parts in entries:
             key = b"/".join(parts)
             if key in seen:  # as containers/storage: "duplicates of file paths not supported"
-                raise self._error(label, m.header, "duplicate entry for this path in the same layer")
+                raise self._error(label, m, "duplicate entry for this path in the same layer")
             seen.add(key)
             try:
                 self._add(m, parts)
             except (ValueError, HeaderError) as e:
-                raise self._error(label, m.header, str(e)) from None
+                raise self._error(label, m, str(e)) from None
             self._layer_paths.add(key)
 
     def _remove(self, parts: list[bytes]) -> None:
@@ -214,7 +129,7 @@ class Flattener:
         self._layer_paths.add(b"/".join(parts))
 
     def _add(self, m: Member, parts: list[bytes]) -> None:
-        h = m.header
+        h = m
         # Go's archive/tar (and so podman) drops xattrs whose value is empty; so do we.
         xattrs = {k.encode(): v for k, v in sorted(h.xattrs.items()) if v}
         for xname, value in xattrs.items():
@@ -290,9 +205,9 @@ def flatten(repo: Repository, layers: Sequence[tuple[str, str]]) -> Directory:
     """The merged tree of `layers`, (DiffID, layer stream object ID) pairs from bottom to top."""
     flattener = Flattener()
     for diff_id, stream_id in layers:
-        stream = repo.open_stream_object(stream_id, splitstream.OCI_LAYER, diff_id)
         try:
-            flattener.apply(tar_members(stream.chunks()), diff_id)
+            members = layer_members(repo, diff_id, stream_id)
         except (HeaderError, splitstream.SplitStreamError) as e:
             raise LayerError(f"layer {diff_id}: {e}") from e
+        flattener.apply(members, diff_id)
     return flattener.root

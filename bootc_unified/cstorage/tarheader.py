@@ -57,10 +57,15 @@ class TarHeader:
     @property
     def kind(self) -> str:
         """file, hardlink, symlink, char, block, dir or fifo."""
-        try:
-            return _KINDS[self.typeflag]
-        except KeyError:
-            raise HeaderError(f"unsupported tar entry type {self.typeflag!r}") from None
+        return kind_of(self.typeflag)
+
+
+def kind_of(typeflag: bytes) -> str:
+    """The entry type a typeflag names: file, hardlink, symlink, char, block, dir or fifo."""
+    try:
+        return _KINDS[typeflag]
+    except KeyError:
+        raise HeaderError(f"unsupported tar entry type {typeflag!r}") from None
 
 
 def _cstr(field_bytes: bytes) -> bytes:

@@ -5,7 +5,8 @@ From a stream the walk reaches its external objects and the streams its named re
 `composefs.image` named ref of a config stream names an EROFS image); from an image, every object
 its files redirect to. Links whose target goes (streams/<id>, images/<id>, refs) and temporary
 links left by a crash are removed first, then the unreached objects: a crash in between leaves
-only unreferenced objects, which the next GC removes. A root that cannot be read (a damaged
+only unreferenced objects, which the next GC removes. Last, the layer cache's files of streams no
+longer kept (derived data, see bootc_unified.layerindex). A root that cannot be read (a damaged
 stream or image) stops the GC before anything is removed: its objects are not known.
 """
 
@@ -22,6 +23,7 @@ from bootc_unified.repository import splitstream
 from bootc_unified.repository.refs import TMP_PREFIX, links_under, object_id_of
 
 IMAGE_NAMED_REF = "composefs.image"
+LAYER_CACHE = "cache/layers"  # parsed tar members per layer stream (bootc_unified.layerindex)
 
 ImageObjects = Callable[[bytes], set[str]]
 
@@ -131,4 +133,16 @@ def collect(
         for object_id in result.removed_objects:
             faults.point("repo-gc-object")
             (objects_dir / object_id[:2] / object_id[2:]).unlink(missing_ok=True)
+        prune_layer_cache(repo_path / LAYER_CACHE, walker.reached)
     return result
+
+
+def prune_layer_cache(directory: Path, keep: set[str]) -> None:
+    """Remove the cache files of streams not in `keep`, and temporary files a crash left."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name not in keep:
+            (directory / name).unlink(missing_ok=True)
