@@ -8,9 +8,11 @@ with trusted.overlay.X escaped to trusted.overlay.overlay.X.
 
 from __future__ import annotations
 
+import functools
 import re
 import stat
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from bootc_unified.erofs import format as fmt
 from bootc_unified.erofs.errors import TreeError
@@ -31,14 +33,15 @@ _EXPECTED_TYPE: dict[type, tuple[int, ...]] = {
 }
 
 
-@dataclass
-class Entry:
+class Entry(NamedTuple):
+    """A directory entry; names are unique in a directory, so entries sort by name as tuples."""
+
     name: bytes
     inode: int  # index into the inode list
     file_type: int
 
 
-@dataclass
+@dataclass(slots=True)
 class FlatInode:
     node: Node
     path: bytes  # the first name it was found under, for messages
@@ -52,6 +55,8 @@ def show(path: bytes) -> str:
 
 
 def check_name(parent: bytes, name: bytes) -> None:
+    if 0 < len(name) <= NAME_MAX and name not in (b".", b"..") and b"/" not in name and b"\0" not in name:
+        return
     where = f"in directory {show(parent or b'/')}"
     if not name:
         raise TreeError(f"{where}: empty file name")
@@ -66,7 +71,23 @@ def check_name(parent: bytes, name: bytes) -> None:
 _HEX = re.compile(r"[0-9a-f]+")
 
 
-def overlay_xattrs(path: bytes, node: Regular, alg: HashAlg) -> list[tuple[bytes, bytes]]:
+def _split(name: bytes) -> tuple[int, bytes]:
+    split = fmt.split_xattr_name(name)
+    assert split is not None
+    return split
+
+
+_METACOPY = _split(fmt.METACOPY)
+_REDIRECT = _split(fmt.REDIRECT)
+
+
+@functools.cache
+def _metacopy_header(alg: HashAlg) -> bytes:
+    """struct ovl_metacopy: version 0, length, flags 0, digest algorithm; the digest follows."""
+    return bytes((0, 4 + alg.size, 0, alg.kernel_id))
+
+
+def overlay_xattrs(path: bytes, node: Regular, alg: HashAlg) -> list[XAttr]:
     """trusted.overlay.metacopy (with the fs-verity digest) and .redirect (into objects/)."""
     oid = node.object_id
     if oid is None or len(oid) != 2 * alg.size or not _HEX.fullmatch(oid):
@@ -74,16 +95,18 @@ def overlay_xattrs(path: bytes, node: Regular, alg: HashAlg) -> list[tuple[bytes
             f"{show(path)}: regular file of {node.size} bytes needs object_id, "
             f"a lowercase hex {alg.label} fs-verity digest of {2 * alg.size} digits (got {oid!r})"
         )
-    digest = bytes.fromhex(oid)
-    metacopy = bytes([0, 4 + len(digest), 0, alg.kernel_id]) + digest
+    metacopy = _metacopy_header(alg) + bytes.fromhex(oid)
     redirect = f"/{oid[:2]}/{oid[2:]}".encode()
-    return [(fmt.METACOPY, metacopy), (fmt.REDIRECT, redirect)]
+    return [(*_METACOPY, metacopy), (*_REDIRECT, redirect)]
 
 
 def convert_xattrs(path: bytes, node: Node, alg: HashAlg) -> list[XAttr]:
-    items: list[tuple[bytes, bytes]] = []
+    out: list[XAttr] = []
     if isinstance(node, Regular) and node.size > INLINE_MAX:
-        items += overlay_xattrs(path, node, alg)
+        out = overlay_xattrs(path, node, alg)
+    if not node.xattrs:
+        return out
+    items: list[tuple[bytes, bytes]] = []
     for name in sorted(node.xattrs):
         value = node.xattrs[name]
         if not name or b"\0" in name:
@@ -101,7 +124,6 @@ def convert_xattrs(path: bytes, node: Node, alg: HashAlg) -> list[XAttr]:
         if name.startswith(fmt.OVERLAY_PREFIX):
             name = fmt.OVERLAY_ESCAPED + name[len(fmt.OVERLAY_PREFIX) :]
         items.append((name, value))
-    out: list[XAttr] = []
     for name, value in items:
         split = fmt.split_xattr_name(name)
         if split is None:
@@ -120,11 +142,12 @@ def check_node(path: bytes, node: Node) -> None:
     expected = _EXPECTED_TYPE.get(type(node))
     if expected is None:
         raise TreeError(f"{show(path)}: not a tree node: {type(node).__name__}")
-    if stat.S_IFMT(node.mode) not in expected or node.mode >> 16:
+    if node.mode & 0o170000 not in expected or node.mode >> 16:
         raise TreeError(f"{show(path)}: mode {node.mode:#o} does not fit a {type(node).__name__}")
-    for what, value, limit in (("uid", node.uid, 1 << 32), ("gid", node.gid, 1 << 32)):
-        if not 0 <= value < limit:
-            raise TreeError(f"{show(path)}: {what} {value} out of range")
+    if not 0 <= node.uid < 1 << 32:
+        raise TreeError(f"{show(path)}: uid {node.uid} out of range")
+    if not 0 <= node.gid < 1 << 32:
+        raise TreeError(f"{show(path)}: gid {node.gid} out of range")
     if not 0 <= node.mtime_nsec < 1_000_000_000:
         raise TreeError(f"{show(path)}: mtime_nsec {node.mtime_nsec} out of range")
     if not -(1 << 63) <= node.mtime < 1 << 63:
@@ -155,7 +178,7 @@ def check_node(path: bytes, node: Node) -> None:
 
 
 def file_type(node: Node) -> int:
-    return fmt.FILE_TYPES[stat.S_IFMT(node.mode)]
+    return fmt.FILE_TYPES[node.mode & 0o170000]
 
 
 def collect(root: Directory, alg: HashAlg) -> list[FlatInode]:
@@ -177,11 +200,16 @@ def collect(root: Directory, alg: HashAlg) -> list[FlatInode]:
         index_of[id(node)] = len(inodes)
         inodes.append(FlatInode(node, path or b"/", xattrs=convert_xattrs(path or b"/", node, alg)))
         if isinstance(node, Directory):
-            names = sorted(node.entries)
-            for name in names:
+            children = node.entries
+            pushed = []
+            for name in sorted(children):
                 check_name(path, name)
-                check_node(path + b"/" + name, node.entries[name])
-            stack.extend((path + b"/" + name, node.entries[name]) for name in reversed(names))
+                child = children[name]
+                child_path = path + b"/" + name
+                check_node(child_path, child)
+                pushed.append((child_path, child))
+            pushed.reverse()
+            stack += pushed
     # Second pass: directory entries, now that every node has its index.
     for me, inode in enumerate(inodes):
         directory = inode.node
@@ -197,6 +225,8 @@ def collect(root: Directory, alg: HashAlg) -> list[FlatInode]:
             entries.append(Entry(name, index, file_type(child)))
         if me == 0:
             entries.append(Entry(b"..", 0, fmt.FT_DIR))  # the root is its own parent
-        inode.entries = sorted(entries + inode.entries, key=lambda e: e.name)
+        entries += inode.entries
+        entries.sort()
+        inode.entries = entries
         inode.nlink = 2 + subdirs
     return inodes

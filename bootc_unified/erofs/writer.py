@@ -29,7 +29,7 @@ INLINE_TAIL_MAX = fmt.BLOCK_SIZE // 2
 MAX_CHUNK_FORMAT = 31
 
 
-@dataclass
+@dataclass(slots=True)
 class Plan:
     """Where and how one inode is written."""
 
@@ -40,9 +40,10 @@ class Plan:
     inline: int  # bytes of data stored after the inode (the tail, or chunk entries)
     blocks: int  # whole blocks in the data area
     shared: list[int]  # indexes into the shared xattr table
-    local: list[XAttr]
+    local: bytes  # the local xattr entries, packed
     xattr_size: int
     name_filter: int
+    chunk_format: int = 0
     offset: int = 0
     start_block: int = 0
 
@@ -84,12 +85,18 @@ def share_xattrs(inodes: list[FlatInode]) -> tuple[list[XAttr], dict[XAttr, int]
     return table, {x: i for i, x in enumerate(table)}
 
 
-def inode_xattrs(inode: FlatInode, shared_index: dict[XAttr, int]) -> tuple[list[int], list[XAttr], int, int]:
-    """(shared indexes, local xattrs, xattr area size, name filter) of one inode."""
+def xattr_entry(index: int, suffix: bytes, value: bytes) -> bytes:
+    """One xattr entry as stored (inline or in the shared table), padded to 4 bytes."""
+    raw = fmt.XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
+    return raw + bytes(-len(raw) % 4)
+
+
+def inode_xattrs(inode: FlatInode, shared_index: dict[XAttr, int]) -> tuple[list[int], bytes, int, int]:
+    """(shared indexes, packed local xattrs, xattr area size, name filter) of one inode."""
     if not inode.xattrs:
-        return [], [], 0, 0
+        return [], b"", 0, 0
     shared: list[int] = []
-    local: list[XAttr] = []
+    local: list[bytes] = []
     bits = 0
     for x in inode.xattrs:
         bits |= fmt.filter_bit(x[0], x[1])
@@ -97,15 +104,15 @@ def inode_xattrs(inode: FlatInode, shared_index: dict[XAttr, int]) -> tuple[list
         if index is not None and len(shared) < fmt.SHARED_MAX:
             shared.append(index)
         else:
-            local.append(x)
-    size = fmt.XATTR_IBODY_HEADER.size + 4 * len(shared)
-    size += sum(fmt.xattr_entry_size(suffix, value) for _, suffix, value in local)
+            local.append(xattr_entry(*x))
+    packed = b"".join(local)
+    size = fmt.XATTR_IBODY_HEADER.size + 4 * len(shared) + len(packed)
     if (size - fmt.XATTR_IBODY_HEADER.size) // 4 + 1 > fmt.XATTR_ICOUNT_MAX:
         raise TreeError(
             f"{show(inode.path)}: xattrs need {size} bytes, more than an EROFS inode holds "
             f"({fmt.XATTR_IBODY_HEADER.size + 4 * (fmt.XATTR_ICOUNT_MAX - 1)})"
         )
-    return shared, local, size, ~bits & 0xFFFFFFFF
+    return shared, packed, size, ~bits & 0xFFFFFFFF
 
 
 def plan_inode(inode: FlatInode, shared_index: dict[XAttr, int], build_time: tuple[int, int]) -> Plan:
@@ -131,7 +138,8 @@ def plan_inode(inode: FlatInode, shared_index: dict[XAttr, int], build_time: tup
     plan = Plan(extended, fmt.LAYOUT_FLAT_PLAIN, size, content, 0, 0, shared, local, xattr_size, name_filter)
     if isinstance(node, Regular) and size > INLINE_MAX:
         plan.layout = fmt.LAYOUT_CHUNK_BASED
-        plan.inline = fmt.CHUNK_ENTRY * chunk_format(size)[1]
+        plan.chunk_format, chunks = chunk_format(size)
+        plan.inline = fmt.CHUNK_ENTRY * chunks
         return plan
     tail = content % fmt.BLOCK_SIZE
     if tail and tail <= INLINE_TAIL_MAX and plan.meta_size + tail <= fmt.BLOCK_SIZE:
@@ -210,19 +218,11 @@ def write_image(root: Directory, alg: HashAlg) -> bytes:
     )
     shared_ids = [offset // 4 for offset in table_offsets]
     for (index, suffix, value), offset in zip(table, table_offsets, strict=True):
-        write_xattr(out, offset, index, suffix, value)
+        entry = xattr_entry(index, suffix, value)
+        out[offset : offset + len(entry)] = entry
     for number, (inode, plan) in enumerate(zip(inodes, plans, strict=True)):
         write_inode(out, number, inode, plan, plans, shared_ids)
     return bytes(out)
-
-
-def write_xattr(out: bytearray, offset: int, index: int, suffix: bytes, value: bytes) -> int:
-    fmt.XATTR_ENTRY.pack_into(out, offset, len(suffix), index, len(value))
-    start = offset + fmt.XATTR_ENTRY.size
-    out[start : start + len(suffix)] = suffix
-    start += len(suffix)
-    out[start : start + len(value)] = value
-    return offset + fmt.xattr_entry_size(suffix, value)
 
 
 def i_u(inode: FlatInode, plan: Plan) -> int:
@@ -230,7 +230,7 @@ def i_u(inode: FlatInode, plan: Plan) -> int:
     if isinstance(node, Device):
         return fmt.new_encode_dev(node.rdev)
     if plan.layout == fmt.LAYOUT_CHUNK_BASED:
-        return chunk_format(plan.size)[0]
+        return plan.chunk_format
     return plan.start_block if plan.blocks else 0
 
 
@@ -311,8 +311,8 @@ def write_inode(
         for index in plan.shared:
             out[offset : offset + 4] = shared_ids[index].to_bytes(4, "little")
             offset += 4
-        for index, suffix, value in plan.local:
-            offset = write_xattr(out, offset, index, suffix, value)
+        out[offset : offset + len(plan.local)] = plan.local
+        offset += len(plan.local)
     if plan.layout == fmt.LAYOUT_CHUNK_BASED:
         out[offset : offset + plan.inline] = b"\xff" * plan.inline
         return
