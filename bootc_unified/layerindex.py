@@ -182,7 +182,8 @@ def store(repo_path: Path, stream_id: str, diff_id: str, members: list[Member]) 
     payload = zstandard.ZstdCompressor(level=1).compress(marshal.dumps((diff_id, records), 4))
     directory = repo_path / LAYER_CACHE
     try:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        directory.parent.mkdir(exist_ok=True, mode=0o700)  # root only, as objects/
+        directory.mkdir(exist_ok=True, mode=0o700)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
         try:
             with os.fdopen(fd, "wb") as f:

@@ -4,6 +4,7 @@ files of the streams it removes."""
 
 from __future__ import annotations
 
+import stat
 import tarfile
 from pathlib import Path
 
@@ -49,6 +50,8 @@ def test_a_build_from_the_cache_equals_one_from_the_streams(repo: Repository, tm
     for diff_id, stream_id in layers:
         assert (repo.path / LAYER_CACHE / stream_id).is_file()
         assert load(repo.path, stream_id, diff_id) is not None
+    for path in (repo.path / "cache", repo.path / LAYER_CACHE):  # root only, as objects/
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700
     spoil_streams(repo, layers)
     assert image_of(repo, layers) == parsed
     # The oracle without any cache: a fresh repository that parses the same tars.
