@@ -154,7 +154,7 @@ def parse(argv: Sequence[str]) -> Options:
         scenarios = resolve(_split(args.scenario) or default)
     except UnknownScenario as e:
         raise UsageError(f"--scenario: {e}") from None
-    flags = {"v1": "--image", "v2": "--update-image"}
+    flags = results.IMAGE_FLAGS
     for variant, ref in users.items():
         if not taking(variant):
             raise UsageError(f"{flags[variant]} {ref}: no scenario takes {flags[variant]} yet")

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -157,8 +158,16 @@ class Results:
 # --- building ----------------------------------------------------------------------------------------
 
 
-def reproduce_command(scenario: str, fs: str | None) -> str:
-    return f"ci/qualify --fs {fs} --scenario {scenario}" if fs else f"ci/qualify --scenario {scenario}"
+IMAGE_FLAGS = {"v1": "--image", "v2": "--update-image"}  # a user's image standing in for a variant
+
+
+def reproduce_command(scenario: str, fs: str | None, images: Mapping[str, str] | None = None) -> str:
+    """The command line that runs just this scenario again, on the same filesystem and images."""
+    argv = ["ci/qualify", *(["--fs", fs] if fs else []), "--scenario", scenario]
+    for variant, flag in IMAGE_FLAGS.items():
+        if images and variant in images:
+            argv += [flag, images[variant]]
+    return shlex.join(argv)
 
 
 def _rel(path: Path, output: Path) -> str:
@@ -286,7 +295,7 @@ def build(events: Iterable[dict[str, Any]], output: Path, run: RunInfo) -> Resul
                 failure=_failure(got, steps),
                 skip_reason=skip,
                 p5=None,
-                reproduce=reproduce_command(scenario.name, prop.get("fs") or fs_of(nodeid)),
+                reproduce=reproduce_command(scenario.name, prop.get("fs") or fs_of(nodeid), run.images),
             )
         )
     boot_times = {fs: _boot_times(fs, partial) for fs in FILESYSTEMS if any(r.fs == fs for r in partial)}

@@ -7,6 +7,7 @@ names exactly the scenario x filesystem tests asked for), and the one-line refus
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -196,3 +197,26 @@ def test_pytest_collects_exactly_the_asked_tests(tmp_path: Path) -> None:
         "tests/vm/test_lifecycle.py::test_lifecycle[ext4]",
         "tests/vm/test_boot_composefs.py::test_boot_composefs[ext4]",  # ext4 only (@pytest.mark.fs)
     }
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("--fs", "xfs", "--scenario", "lifecycle"),
+        ("--fs", "ext4", "--image", "oci:/var/tmp/my os:1", "--update-image", "docker://x/os:2"),
+        ("--fs", "btrfs", "--image", "quay.io/x/os:1", "--scenario", "install"),
+    ],
+)
+def test_the_reproduce_line_runs_the_same_scenario_on_the_same_images(
+    argv: tuple[str, ...], tmp_path: Path
+) -> None:
+    """The reproduce line of a result, parsed back by the qualification's own option parser."""
+    opts, _ = args_of(*argv, tmp_path=tmp_path)
+    images = {v: ref for v, ref in (("v1", opts.image), ("v2", opts.update_image)) if ref}
+    for scenario in opts.scenarios:
+        line = results.reproduce_command(scenario.name, opts.filesystems[0], images)
+        words = shlex.split(line)
+        assert words[0] == "ci/qualify"
+        again, _ = args_of(*words[1:], tmp_path=tmp_path)
+        assert again.scenarios == (scenario,) and again.filesystems == opts.filesystems
+        assert (again.image, again.update_image) == (opts.image, opts.update_image)
