@@ -7,9 +7,10 @@ machines' boot-to-SSH and reboot seconds, the scenario's step records (`*-steps.
 harness.lifecycle.Steps: per step wall seconds, boots, disk used, facts) and `timings.json` where
 the scenario writes them, the evidence files (relative to the output directory), the failure, and
 P5 = wall / (boots x bare boot-to-SSH), the bare boot measured by this run's smoke scenario on the
-same filesystem. Per filesystem: the disk-use figures the step records give (per scenario that
-measures them: image bytes, bootc store, repository extra, plain copy cost; "not measured" =
-None). The HTML report renders this document and nothing else.
+same filesystem (a run without smoke there, e.g. a user's images in the update scenario: the median
+of the run's boots to SSH on that filesystem). Per filesystem: the disk-use figures the step
+records give (per scenario that measures them: image bytes, bootc store, repository extra, plain
+copy cost; "not measured" = None). The HTML report renders this document and nothing else.
 """
 
 from __future__ import annotations
@@ -328,6 +329,8 @@ def _boot_times(fs: str, results: list[Result]) -> BootTimes:
         bare = smoke.machines[0].boots_to_ssh[0]
     boots = [s for r in results if r.fs == fs for m in r.machines for s in m.boots_to_ssh]
     reboots = [s for r in results if r.fs == fs for m in r.machines for s in m.reboots]
+    if bare is None:
+        bare = _median(boots)
     return BootTimes(
         bare_boot_to_ssh=bare,
         reboot_to_ssh=_number(timings.get("reboot_to_ssh")),

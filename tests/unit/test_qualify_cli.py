@@ -220,3 +220,36 @@ def test_the_reproduce_line_runs_the_same_scenario_on_the_same_images(
         again, _ = args_of(*words[1:], tmp_path=tmp_path)
         assert again.scenarios == (scenario,) and again.filesystems == opts.filesystems
         assert (again.image, again.update_image) == (opts.image, opts.update_image)
+
+
+def test_p5_without_a_smoke_run_uses_the_runs_median_boot() -> None:
+    """A run of a user's images (update only, no smoke): P5 from the median boot to SSH measured
+    on that filesystem in the run; with smoke, smoke's bare boot."""
+
+    def result(scenario: str, boots_to_ssh: list[float], wall: float, boots: int) -> results.Result:
+        machine = results.Machine("vm", "libvirt", "tcg", len(boots_to_ssh), boots_to_ssh, [])
+        files = results.Files()
+        return results.Result(
+            scenario,
+            "ext4",
+            scenario,
+            "passed",
+            wall,
+            {},
+            boots,
+            [machine],
+            [],
+            {},
+            files,
+            None,
+            None,
+            None,
+            "",
+        )
+
+    update = result("update", [150.0, 130.0, 100.0], 1200.0, 4)
+    alone = results._boot_times("ext4", [update])
+    assert alone.bare_boot_to_ssh == 130.0
+    assert results._with_p5(update, alone.bare_boot_to_ssh).p5 == round(1200.0 / (4 * 130.0), 2)
+    with_smoke = results._boot_times("ext4", [update, result("smoke", [60.0], 70.0, 1)])
+    assert with_smoke.bare_boot_to_ssh == 60.0
