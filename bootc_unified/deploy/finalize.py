@@ -4,8 +4,9 @@
   1. no staged marker, or a download-only one (`finalization_locked`): nothing to do;
   2. /etc 3-way merge (etcmerge.py): pristine = the booted image's /etc (its EROFS image mounted),
      current = the live /etc, new = state/deploy/<staged>/etc; then its `.updated` is deleted;
-  3. `loader/entries.staged` and `loader/entries` swapped with renameat2(RENAME_EXCHANGE), the
-     swapped-out set (the old entries) deleted, `loader/` fsynced;
+  3. `loader/entries.staged` and `loader/entries` swapped with renameat2(RENAME_EXCHANGE),
+     `loader/` fsynced (the swap on disk before anything is deleted), the swapped-out set (the old
+     entries) deleted, `loader/` fsynced again;
   4. the marker removed.
 
 A power cut before step 3 boots the old deployment (and the next shutdown merges again: applying
@@ -64,6 +65,12 @@ def swap_staged_entries(esp: Esp) -> None:
     esp.entries.mkdir(parents=True, exist_ok=True)
     fsync_dir(esp.entries_staged)
     rename_exchange(esp.entries_staged, esp.entries)
+    # The exchange is made durable before the old set is deleted. FAT has no journal and writes
+    # dirty metadata back in any order: without this barrier a power cut could leave on disk the
+    # old directory still named `entries` but with its entries already deleted (and the new set
+    # still named `entries.staged`), so systemd-boot found no entry and offered only "Reboot Into
+    # Firmware Interface" (power-cut scenario, finalize cuts on ext4 and XFS).
+    fsync_dir(esp.entries.parent)
     faults.point("entries-after-exchange")
     shutil.rmtree(esp.entries_staged)
     fsync_dir(esp.entries.parent)
