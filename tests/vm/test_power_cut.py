@@ -19,7 +19,9 @@ image; then `upgrade` is re-run and must stage the image (or say the booted one 
 How many cuts: `--scenarios sample` (CI) one of each kind; `--scenarios all` / the qualification
 four upgrade cuts and two finalize cuts per filesystem (12 and 6 over btrfs, XFS and ext4);
 BOOTC_UNIFIED_POWER_CUTS="U,F" sets both. The random seed is printed and kept in the step records
-(BOOTC_UNIFIED_POWER_CUT_SEED replays a run's draws).
+(BOOTC_UNIFIED_POWER_CUT_SEED replays a run's draws). BOOTC_UNIFIED_POWER_CUT_FINALIZE="LO,HI"
+draws the finalize cuts in that part of the measured finalize (fractions, default 0,1): a targeted
+series, e.g. "0.25,0.6" around the entries swap, where a cut once left FAT with no boot entry.
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.sample("ext4")]
 
 OS = variant_ref("v1")
 UPGRADE_TIMEOUT = 180  # seconds on KVM; x10 under TCG
+
+
+def finalize_window() -> tuple[float, float]:
+    lo, hi = (float(x) for x in (os.environ.get("BOOTC_UNIFIED_POWER_CUT_FINALIZE") or "0,1").split(","))
+    return lo, hi
 
 
 def cut_counts(config: pytest.Config) -> tuple[int, int]:
@@ -142,7 +149,9 @@ def test_power_cut(
                         push_trial(n)
                         upgrade(vm)
                         staged = staged_id(vm)
-                    cut = Cut(kind, round(rng.uniform(0, finalize), 1), round(finalize, 1), booted, staged)
+                    lo, hi = finalize_window()
+                    at = round(rng.uniform(lo * finalize, hi * finalize), 1)
+                    cut = Cut(kind, at, round(finalize, 1), booted, staged)
                     cut_finalize(vm, cut)
                     allowed = {booted: "old", staged: "new"}
                 found = check_whole(vm, allowed)
