@@ -4,9 +4,9 @@
   1. no staged marker, or a download-only one (`finalization_locked`): nothing to do;
   2. /etc 3-way merge (etcmerge.py): pristine = the booted image's /etc (its EROFS image mounted),
      current = the live /etc, new = state/deploy/<staged>/etc; then its `.updated` is deleted;
-  3. `loader/entries.staged` and `loader/entries` swapped with renameat2(RENAME_EXCHANGE),
-     `loader/` fsynced (the swap on disk before anything is deleted), the swapped-out set (the old
-     entries) deleted, `loader/` fsynced again;
+  3. `loader/entries.staged` and `loader/entries` swapped with renameat2(RENAME_EXCHANGE), the
+     ESP synced (syncfs: the swap on disk before anything is deleted), the swapped-out set (the old
+     entries) deleted, the ESP synced again;
   4. the marker removed.
 
 A power cut before step 3 boots the old deployment (and the next shutdown merges again: applying
@@ -35,6 +35,7 @@ from bootc_unified.deploy import bls, etcmerge, sysrootlock
 from bootc_unified.deploy.staged import MARKER, StagedMarker
 from bootc_unified.deploy.sysroot import Esp, Sysroot, mounts
 from bootc_unified.errors import UserError
+from bootc_unified.repository import syncfs
 
 AT_FDCWD = -100
 RENAME_EXCHANGE = 2
@@ -58,6 +59,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def sync_fs(path: Path) -> None:
+    """syncfs(2) of the filesystem holding `path`: every dirty inode and block of it on disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        syncfs(fd)
+    finally:
+        os.close(fd)
+
+
 def swap_staged_entries(esp: Esp) -> None:
     """Make `loader/entries.staged` the live `loader/entries`; the old set is deleted."""
     if not esp.entries_staged.is_dir():
@@ -65,15 +75,17 @@ def swap_staged_entries(esp: Esp) -> None:
     esp.entries.mkdir(parents=True, exist_ok=True)
     fsync_dir(esp.entries_staged)
     rename_exchange(esp.entries_staged, esp.entries)
-    # The exchange is made durable before the old set is deleted. FAT has no journal and writes
-    # dirty metadata back in any order: without this barrier a power cut could leave on disk the
-    # old directory still named `entries` but with its entries already deleted (and the new set
-    # still named `entries.staged`), so systemd-boot found no entry and offered only "Reboot Into
-    # Firmware Interface" (power-cut scenario, finalize cuts on ext4 and XFS).
-    fsync_dir(esp.entries.parent)
+    # The exchange reaches the disk before the old set is deleted. vfat's RENAME_EXCHANGE only
+    # swaps the two inodes' slots in memory; each slot gets its new start cluster when that inode
+    # is written back, which an fsync of loader/ does not do. A power cut during finalize left
+    # on disk `entries` still naming the old set's cluster, already freed by the deletion, and
+    # `entries.staged` gone: systemd-boot found no entry and offered only "Reboot Into Firmware
+    # Interface" (power-cut scenario, finalize cuts on ext4 and XFS; the ESP read back with
+    # fsck.fat: "/loader/entries contains a free cluster"). syncfs writes the inodes too.
+    sync_fs(esp.root)
     faults.point("entries-after-exchange")
     shutil.rmtree(esp.entries_staged)
-    fsync_dir(esp.entries.parent)
+    sync_fs(esp.root)
 
 
 def writable_sysroot(path: Path) -> None:
