@@ -105,7 +105,10 @@ SCENARIOS: tuple[Scenario, ...] = (
         "power-cut",
         "Power cuts during upgrade and finalize",
         "VM destroyed at random times in upgrade and in finalize; boots old or new, fsck clean, re-run works",
-        ("tests/vm/test_power_cut.py::test_power_cut",),
+        (
+            "tests/vm/test_power_cut.py::test_power_cut",
+            "tests/vm/test_esp_swap.py::test_the_entries_swap_is_on_disk_before_the_old_set_goes",
+        ),
         covers=("power-cut", "crash"),
         expected_seconds=1800,
         qualify=True,
