@@ -23,6 +23,8 @@ from harness.run import run as run_host
 # failed banner read with a traceback. connect() retries and reports the last error itself.
 logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
 
+EOF_GRACE = 5.0  # seconds run() waits for the end of a command's output after its exit status
+
 
 class SSHError(RuntimeError):
     pass
@@ -157,6 +159,7 @@ class SSH:
             channel.shutdown_write()
             out, err = bytearray(), bytearray()
             deadline = time.monotonic() + timeout
+            status_seen = 0.0
             while True:
                 progressed = False
                 while channel.recv_ready():
@@ -165,12 +168,15 @@ class SSH:
                 while channel.recv_stderr_ready():
                     err += channel.recv_stderr(65536)
                     progressed = True
-                if (
-                    channel.exit_status_ready()
-                    and not channel.recv_ready()
-                    and not channel.recv_stderr_ready()
-                ):
-                    break
+                # Done once the exit status *and* the end of the output are in: the server may send
+                # the status before the last output (a CI run lost the last line of a command's
+                # stdout when this waited for the status alone). A command that leaves a child
+                # holding its stdout open gets EOF_GRACE seconds after its status.
+                drained = not channel.recv_ready() and not channel.recv_stderr_ready()
+                if channel.exit_status_ready() and drained:
+                    status_seen = status_seen or time.monotonic()
+                    if channel.eof_received or time.monotonic() - status_seen > EOF_GRACE:
+                        break
                 if channel.closed and not progressed:
                     break
                 if time.monotonic() > deadline:
