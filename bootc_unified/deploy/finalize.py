@@ -3,7 +3,8 @@
 
   1. no staged marker, or a download-only one (`finalization_locked`): nothing to do;
   2. /etc 3-way merge (etcmerge.py): pristine = the booted image's /etc (its EROFS image mounted),
-     current = the live /etc, new = state/deploy/<staged>/etc; then its `.updated` is deleted;
+     current = the live /etc, new = state/deploy/<staged>/etc; then its `.updated` is deleted and
+     the merge synced to disk (syncfs);
   3. `loader/entries.staged` and `loader/entries` swapped with renameat2(RENAME_EXCHANGE), the
      ESP synced (syncfs: the swap on disk before anything is deleted), the swapped-out set (the old
      entries) deleted, the ESP synced again;
@@ -173,6 +174,10 @@ def _finalize(
         merge = etcmerge.apply(booted / "etc", current_etc, new_etc)
     faults.point("finalize-after-merge")
     (new_etc / ".updated").unlink(missing_ok=True)
+    # The merged /etc is on disk before the entries name the deployment: once the swap is durable
+    # a power cut boots the new deployment, which must not come up with the merge half-written
+    # (the power-cut scenario's re-run upgrade found the live /etc/hosts entry missing).
+    sync_fs(new_etc)
     swap_staged_entries(esp)
     faults.point("finalize-before-marker")
     marker.unlink(missing_ok=True)
