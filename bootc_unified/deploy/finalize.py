@@ -36,7 +36,7 @@ from bootc_unified.deploy import bls, etcmerge, sysrootlock
 from bootc_unified.deploy.staged import MARKER, StagedMarker
 from bootc_unified.deploy.sysroot import Esp, Sysroot, mounts
 from bootc_unified.errors import UserError
-from bootc_unified.repository import syncfs
+from bootc_unified.repository import sync_filesystem
 
 AT_FDCWD = -100
 RENAME_EXCHANGE = 2
@@ -60,15 +60,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def sync_fs(path: Path) -> None:
-    """syncfs(2) of the filesystem holding `path`: every dirty inode and block of it on disk."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        syncfs(fd)
-    finally:
-        os.close(fd)
-
-
 def swap_staged_entries(esp: Esp) -> None:
     """Make `loader/entries.staged` the live `loader/entries`; the old set is deleted."""
     if not esp.entries_staged.is_dir():
@@ -83,10 +74,10 @@ def swap_staged_entries(esp: Esp) -> None:
     # `entries.staged` gone: systemd-boot found no entry and offered only "Reboot Into Firmware
     # Interface" (power-cut scenario, finalize cuts on ext4 and XFS; the ESP read back with
     # fsck.fat: "/loader/entries contains a free cluster"). syncfs writes the inodes too.
-    sync_fs(esp.root)
+    sync_filesystem(esp.root)
     faults.point("entries-after-exchange")
     shutil.rmtree(esp.entries_staged)
-    sync_fs(esp.root)
+    sync_filesystem(esp.root)
 
 
 def writable_sysroot(path: Path) -> None:
@@ -177,7 +168,7 @@ def _finalize(
     # The merged /etc is on disk before the entries name the deployment: once the swap is durable
     # a power cut boots the new deployment, which must not come up with the merge half-written
     # (the power-cut scenario's re-run upgrade found the live /etc/hosts entry missing).
-    sync_fs(new_etc)
+    sync_filesystem(new_etc)
     swap_staged_entries(esp)
     faults.point("finalize-before-marker")
     marker.unlink(missing_ok=True)

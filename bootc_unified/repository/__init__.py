@@ -94,6 +94,15 @@ def syncfs(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def sync_filesystem(path: Path) -> None:
+    """syncfs(2) of the filesystem holding the directory `path`: its dirty inodes and blocks."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        syncfs(fd)
+    finally:
+        os.close(fd)
+
+
 class Repository:
     def __init__(self, path: Path, meta: Meta) -> None:
         self.path = path
@@ -193,11 +202,7 @@ class Repository:
         a power cut before this barrier can leave named objects whose data is lost (btrfs: the
         name and fs-verity descriptor kept, the size 0), which nothing names yet and which the
         next import replaces (ObjectStore.present)."""
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            syncfs(fd)
-        finally:
-            os.close(fd)
+        sync_filesystem(self.path)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
