@@ -85,6 +85,11 @@ class Options:
     image: str | None = None  # --image: a user's image standing in for v1
     update_image: str | None = None  # --update-image: ... for v2
 
+    @property
+    def images(self) -> dict[str, str]:
+        """variant -> the user's image standing in for it (results.IMAGE_FLAGS names the options)."""
+        return {v: ref for v, ref in (("v1", self.image), ("v2", self.update_image)) if ref}
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -357,7 +362,7 @@ def main(argv: Sequence[str] | None = None, project: Path = PROJECT, console: Co
         scenarios=[s.name for s in opts.scenarios],
         backend=opts.backend or "mixed",
         workers=opts.workers,
-        images={v: ref for v, ref in (("v1", opts.image), ("v2", opts.update_image)) if ref},
+        images=opts.images,
     )
     doc = results.build(events.read_all(opts.output / "events.jsonl"), opts.output, info)
     tmp = opts.output / ".results.json.tmp"

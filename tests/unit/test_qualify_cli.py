@@ -212,9 +212,8 @@ def test_the_reproduce_line_runs_the_same_scenario_on_the_same_images(
 ) -> None:
     """The reproduce line of a result, parsed back by the qualification's own option parser."""
     opts, _ = args_of(*argv, tmp_path=tmp_path)
-    images = {v: ref for v, ref in (("v1", opts.image), ("v2", opts.update_image)) if ref}
     for scenario in opts.scenarios:
-        line = results.reproduce_command(scenario.name, opts.filesystems[0], images)
+        line = results.reproduce_command(scenario.name, opts.filesystems[0], opts.images)
         words = shlex.split(line)
         assert words[0] == "ci/qualify"
         again, _ = args_of(*words[1:], tmp_path=tmp_path)
