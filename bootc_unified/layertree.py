@@ -40,6 +40,10 @@ class Flattener:
     def __init__(self) -> None:
         self.root = Directory(mode=DEFAULT_DIR_MODE)
         self._layer_paths: set[bytes] = set()  # paths the layer being applied has created
+        # Directories already reached by path (b"a/b"), so that a layer's entries, which come
+        # grouped by directory, do not walk from the root each; emptied whenever a directory
+        # leaves the tree (whiteout, opaque marker, a non-directory put in its place).
+        self._dirs: dict[bytes, Directory] = {}
 
     def _error(self, label: str, member: Member, why: str) -> LayerError:
         shown = member.name.decode("utf-8", "backslashreplace")
@@ -49,6 +53,12 @@ class Flattener:
         """The directory holding `parts[-1]`. With `create`, missing parents and parents that a lower
         layer holds as non-directories become directories of this layer (overlayfs shows the upper
         directory); a non-directory of this same layer in the way is an error."""
+        if len(parts) < 2:
+            return self.root
+        key = b"/".join(parts[:-1])
+        node = self._dirs.get(key)
+        if node is not None:
+            return node
         node = self.root
         for i, part in enumerate(parts[:-1]):
             child = node.entries.get(part)
@@ -68,6 +78,7 @@ class Flattener:
                     return None
                 raise ValueError(f"parent {path.decode(errors='replace')} is not a directory")
             node = child
+        self._dirs[key] = node
         return node
 
     def _lookup(self, parts: list[bytes]) -> Node | None:
@@ -80,6 +91,7 @@ class Flattener:
         members = list(members)
         entries: list[tuple[Member, list[bytes]]] = []
         self._layer_paths = set()
+        self._dirs = {}
         for m in members:  # whiteouts and opaque markers act on the layers below
             try:
                 parts = name_parts(m.name)
@@ -88,7 +100,7 @@ class Flattener:
                     self._opaque(parts[:-1])
                 elif base.startswith(WHITEOUT_PREFIX):
                     self._remove([*parts[:-1], base[len(WHITEOUT_PREFIX) :]])
-                elif m.kind == "char" and m.devmajor == 0 and m.devminor == 0:
+                elif m.devmajor == 0 and m.devminor == 0 and m.kind == "char":
                     self._remove(parts)
                 else:
                     entries.append((m, parts))
@@ -112,11 +124,13 @@ class Flattener:
             raise ValueError("a whiteout of the root")
         parent = self._parent(parts, create=True)
         assert parent is not None
-        parent.entries.pop(parts[-1], None)
+        if isinstance(parent.entries.pop(parts[-1], None), Directory):
+            self._dirs.clear()
 
     def _opaque(self, parts: list[bytes]) -> None:
         """An opaque marker: its directory exists in this layer, nothing below shows through."""
         if not parts:
+            self._dirs.clear()
             self.root.entries.clear()
             return
         parent = self._parent(parts, create=True)
@@ -124,21 +138,14 @@ class Flattener:
         target = parent.entries.get(parts[-1])
         if isinstance(target, Directory):
             target.entries.clear()
+            self._dirs.clear()
         elif b"/".join(parts) not in self._layer_paths:
             parent.entries[parts[-1]] = Directory(mode=DEFAULT_DIR_MODE)
         self._layer_paths.add(b"/".join(parts))
 
     def _add(self, m: Member, parts: list[bytes]) -> None:
         h = m
-        # Go's archive/tar (and so podman) drops xattrs whose value is empty; so do we.
-        xattrs = {k.encode(): v for k, v in sorted(h.xattrs.items()) if v}
-        for xname, value in xattrs.items():
-            if len(xname) > erofs_format.XATTR_NAME_MAX or len(value) > erofs_format.XATTR_VALUE_MAX:
-                raise ValueError(
-                    f"xattr {xname.decode(errors='replace')!r} ({len(xname)}-byte name, {len(value)}-byte "
-                    f"value) exceeds EROFS's limits ({erofs_format.XATTR_NAME_MAX}, "
-                    f"{erofs_format.XATTR_VALUE_MAX})"
-                )
+        xattrs = _xattrs(h.xattrs) if h.xattrs else {}
 
         def meta(type_bits: int) -> InodeMeta:
             return {
@@ -166,9 +173,14 @@ class Flattener:
                 self._set_dir_meta(existing, meta(stat.S_IFDIR))
                 return
             node = Directory(**meta(stat.S_IFDIR))
-        elif kind == "file":
+        elif kind == "file":  # the common case, built without the meta() dict
             node = Regular(
-                **meta(stat.S_IFREG),
+                mode=stat.S_IFREG | h.mode,
+                uid=h.uid,
+                gid=h.gid,
+                mtime=h.mtime,
+                mtime_nsec=h.mtime_nsec,
+                xattrs=xattrs,
                 size=h.size,
                 data=m.data if h.size else b"",
                 object_id=m.object_id,
@@ -193,12 +205,28 @@ class Flattener:
             node = Fifo(**meta(stat.S_IFIFO))
         else:
             raise ValueError(f"unsupported entry type {kind}")
+        if isinstance(existing, Directory):  # a non-directory takes a directory's place
+            self._dirs.clear()
         parent.entries[name] = node
 
     @staticmethod
     def _set_dir_meta(d: Directory, meta: InodeMeta) -> None:
         d.mode, d.uid, d.gid = meta["mode"], meta["uid"], meta["gid"]
         d.mtime, d.mtime_nsec, d.xattrs = meta["mtime"], meta["mtime_nsec"], meta["xattrs"]
+
+
+def _xattrs(pax: dict[str, bytes]) -> dict[bytes, bytes]:
+    """A tar member's xattrs as the tree keeps them, checked against EROFS's limits. Go's
+    archive/tar (and so podman) drops xattrs whose value is empty; so do we."""
+    xattrs = {k.encode(): v for k, v in sorted(pax.items()) if v}
+    for xname, value in xattrs.items():
+        if len(xname) > erofs_format.XATTR_NAME_MAX or len(value) > erofs_format.XATTR_VALUE_MAX:
+            raise ValueError(
+                f"xattr {xname.decode(errors='replace')!r} ({len(xname)}-byte name, {len(value)}-byte "
+                f"value) exceeds EROFS's limits ({erofs_format.XATTR_NAME_MAX}, "
+                f"{erofs_format.XATTR_VALUE_MAX})"
+            )
+    return xattrs
 
 
 def flatten(repo: Repository, layers: Sequence[tuple[str, str]]) -> Directory:

@@ -51,7 +51,10 @@ def name_parts(name: bytes) -> list[bytes]:
     """The path components of a tar entry name, cleaned lexically as containers/storage cleans it
     (Go's filepath.Clean): empty and '.' parts dropped (a leading '/' too), 'dir/..' pairs removed;
     a name whose '..' climbs out of the root is refused."""
-    parts: list[bytes] = []
+    parts = (name[:-1] if name.endswith(b"/") else name).split(b"/")
+    if b"" not in parts and b"." not in parts and b".." not in parts:  # already clean: most names
+        return parts
+    parts = []
     for part in name.split(b"/"):
         if part in (b"", b"."):
             continue
