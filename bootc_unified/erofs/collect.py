@@ -9,7 +9,6 @@ with trusted.overlay.X escaped to trusted.overlay.overlay.X.
 from __future__ import annotations
 
 import functools
-import re
 import stat
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -68,17 +67,14 @@ def check_name(parent: bytes, name: bytes) -> None:
         raise TreeError(f"{where}: file name of {len(name)} bytes exceeds {NAME_MAX}: {show(name[:40])}...")
 
 
-_HEX = re.compile(r"[0-9a-f]+")
-
-
 def _split(name: bytes) -> tuple[int, bytes]:
     split = fmt.split_xattr_name(name)
     assert split is not None
     return split
 
 
-_METACOPY = _split(fmt.METACOPY)
-_REDIRECT = _split(fmt.REDIRECT)
+_METACOPY_INDEX, _METACOPY_SUFFIX = _split(fmt.METACOPY)
+_REDIRECT_INDEX, _REDIRECT_SUFFIX = _split(fmt.REDIRECT)
 
 
 @functools.cache
@@ -90,14 +86,19 @@ def _metacopy_header(alg: HashAlg) -> bytes:
 def overlay_xattrs(path: bytes, node: Regular, alg: HashAlg) -> list[XAttr]:
     """trusted.overlay.metacopy (with the fs-verity digest) and .redirect (into objects/)."""
     oid = node.object_id
-    if oid is None or len(oid) != 2 * alg.size or not _HEX.fullmatch(oid):
+    try:  # lowercase hex of the digest's length: what fromhex takes back and hex() gives again
+        digest = bytes.fromhex(oid) if oid is not None and len(oid) == 2 * alg.size else b""
+    except ValueError:
+        digest = b""
+    if len(digest) != alg.size or oid != digest.hex():
         raise TreeError(
             f"{show(path)}: regular file of {node.size} bytes needs object_id, "
             f"a lowercase hex {alg.label} fs-verity digest of {2 * alg.size} digits (got {oid!r})"
         )
-    metacopy = _metacopy_header(alg) + bytes.fromhex(oid)
-    redirect = f"/{oid[:2]}/{oid[2:]}".encode()
-    return [(*_METACOPY, metacopy), (*_REDIRECT, redirect)]
+    return [
+        (_METACOPY_INDEX, _METACOPY_SUFFIX, _metacopy_header(alg) + digest),
+        (_REDIRECT_INDEX, _REDIRECT_SUFFIX, f"/{oid[:2]}/{oid[2:]}".encode()),
+    ]
 
 
 def convert_xattrs(path: bytes, node: Node, alg: HashAlg) -> list[XAttr]:
