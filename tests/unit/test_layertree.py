@@ -105,3 +105,30 @@ def test_whiteouts_opaque_and_hardlinks(repo: Repository) -> None:
     assert root.entries[b"keep"] is root.entries[b"keep-link"]
     keep = root.entries[b"keep"]
     assert isinstance(keep, Regular) and keep.object_id is not None and keep.data is None
+
+
+def test_a_directory_replaced_in_the_same_layer_is_not_reused(repo: Repository) -> None:
+    """Directories are found by path once per layer; a directory that leaves the tree (a file in
+    its place, a whiteout) is not found again: what follows goes where overlayfs puts it."""
+    lower = make_tar(entry("d", b"", type=tarfile.DIRTYPE, mode=0o755), entry("d/a"), entry("w/old"))
+    replaced = make_tar(entry("d/b"), entry("d"), entry("d/c"))  # d/b caches d; d becomes a file
+    layer = layer_from_tar(repo, replaced)
+    with pytest.raises(LayerError, match=r"entry 'd/c': parent d is not a directory"):
+        flatten(repo, [layer_from_tar(repo, lower), layer])
+    root = flat(repo, lower, make_tar(entry("w/x"), entry(".wh.w", b""), entry("w/y")))
+    w = root.entries[b"w"]
+    assert isinstance(w, Directory) and sorted(w.entries) == [b"x", b"y"]  # whiteouts act first
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["a/b/c", "a/b/", "/a/b", "./a", "a//b", "a/./b", "a/../b", "a/b/..", "", "/", ".", "a/.b/..c"],
+)
+def test_entry_names_are_cleaned_as_go_filepath_clean(name: str) -> None:
+    """The fast path for clean names and the general one agree with a lexical clean (posixpath)."""
+    import posixpath
+
+    from bootc_unified.cstorage.reassemble import name_parts
+
+    expected = [p for p in posixpath.normpath("/" + name).split("/") if p]
+    assert name_parts(name.encode()) == [p.encode() for p in expected]
