@@ -14,12 +14,12 @@ runner, say) may need its mounts seen by other processes.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import subprocess
 from pathlib import Path
 
 from bootc_unified.errors import UserError
+from bootc_unified.libc import libc
 
 CLONE_NEWNS = 0x00020000
 PID1_NS = Path("/proc/1/ns/mnt")
@@ -30,9 +30,8 @@ _origin_fd: int | None = None  # the namespace this process started in, once it 
 def enter_private(what: str = "this process") -> None:
     """unshare(CLONE_NEWNS) and make `/` rslave; UserError naming `what` on failure."""
     global _origin_fd
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     origin = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-    if libc.unshare(CLONE_NEWNS) != 0:
+    if libc().unshare(CLONE_NEWNS) != 0:
         err = ctypes.get_errno()
         os.close(origin)
         raise UserError(f"{what}: cannot enter a private mount namespace ({os.strerror(err)})")

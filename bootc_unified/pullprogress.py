@@ -14,10 +14,9 @@ service does not come up, `ImageStore.pull_plain` reports per-layer steps instea
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import http.client
 import json
+import os
 import platform
 import shutil
 import signal
@@ -25,12 +24,13 @@ import socket
 import subprocess
 import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from bootc_unified.errors import UserError, tool_error_line
+from bootc_unified.libc import libc
 from bootc_unified.progress import Progress, ProgressBytes, SubTaskBytes
 
 
@@ -124,12 +124,19 @@ SERVICE_IDLE_EXIT = 30
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """In the service's process before exec: SIGKILL it when the verb that started it dies. A
-    killed upgrade must not leave a podman pulling into the store behind its back (the crash
-    tests saw one still writing while the store was copied), nor its mount namespace alive."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def _die_with(parent: int) -> Callable[[], None]:
+    """For the service's process before exec: SIGKILL it when the verb that started it (`parent`)
+    dies. A killed upgrade must not leave a podman pulling into the store behind its back (the
+    crash tests saw one still writing while the store was copied), nor its mount namespace alive.
+    A parent that died before the prctl took effect is seen as a new parent PID: exit then."""
+    c = libc()  # loaded here, in the parent: the child only makes the two calls
+
+    def preexec() -> None:
+        c.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
 
 
 class Service:
@@ -148,7 +155,7 @@ class Service:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_die_with(os.getpid()),
             )
         deadline = time.monotonic() + SERVICE_START_TIMEOUT
         while time.monotonic() < deadline:

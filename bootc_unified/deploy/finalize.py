@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import shutil
 import tempfile
@@ -36,6 +35,7 @@ from bootc_unified.deploy import bls, etcmerge, sysrootlock
 from bootc_unified.deploy.staged import MARKER, StagedMarker
 from bootc_unified.deploy.sysroot import Esp, Sysroot, mounts
 from bootc_unified.errors import UserError
+from bootc_unified.libc import libc
 from bootc_unified.repository import sync_filesystem
 
 AT_FDCWD = -100
@@ -45,8 +45,7 @@ SCRATCH = Path("/run/bootc-unified")
 
 def rename_exchange(a: Path, b: Path) -> None:
     """Atomically swap two paths (both must exist) with renameat2(RENAME_EXCHANGE)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    rc = libc.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
+    rc = libc().renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
     if rc != 0:
         err = ctypes.get_errno()
         raise UserError(f"exchanging {a} and {b}: {os.strerror(err)}")

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
-import functools
 import os
 import secrets
 import shutil
@@ -24,6 +22,7 @@ from pathlib import Path
 from bootc_unified import verity
 from bootc_unified.digestpool import FileDigest
 from bootc_unified.errors import UserError
+from bootc_unified.libc import libc as load_libc
 from bootc_unified.repository import lock, splitstream
 from bootc_unified.repository.fsck import FsckReport, check_links, check_objects
 from bootc_unified.repository.gc import LAYER_CACHE, GcResult, Walker, collect
@@ -78,14 +77,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
 def syncfs(fd: int) -> None:
     """syncfs(2) of the filesystem holding `fd` (os.sync() where libc has none)."""
-    libc = _libc()
+    libc = load_libc()
     if not hasattr(libc, "syncfs"):
         os.sync()
         return
