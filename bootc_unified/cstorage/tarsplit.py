@@ -100,8 +100,13 @@ def _b64(value: Any, what: str) -> bytes:
         raise ValueError(f"{what} is not valid base64 ({e})") from None
 
 
+# json.loads(bytes) would first guess the encoding of every line: tar-split writes UTF-8 (Go's
+# encoding/json), so lines are decoded as json.loads decodes UTF-8 and handed to one decoder.
+_decode = json.JSONDecoder().decode
+
+
 def _parse_line(line: bytes, index: int) -> Entry:
-    obj = json.loads(line)
+    obj = _decode(line.decode("utf-8", "surrogatepass"))
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
     position = obj.get("position", index)
