@@ -36,7 +36,7 @@ from bootc_unified.deploy.staged import MARKER, StagedMarker
 from bootc_unified.deploy.sysroot import Esp, Sysroot, mounts
 from bootc_unified.errors import UserError
 from bootc_unified.libc import libc
-from bootc_unified.repository import sync_filesystem
+from bootc_unified.repository import fsync_dir, sync_filesystem
 
 AT_FDCWD = -100
 RENAME_EXCHANGE = 2
@@ -49,14 +49,6 @@ def rename_exchange(a: Path, b: Path) -> None:
     if rc != 0:
         err = ctypes.get_errno()
         raise UserError(f"exchanging {a} and {b}: {os.strerror(err)}")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def swap_staged_entries(esp: Esp) -> None:

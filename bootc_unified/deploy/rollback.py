@@ -27,11 +27,11 @@ from pathlib import Path
 
 from bootc_unified import faults
 from bootc_unified.deploy import bls, bootable
-from bootc_unified.deploy.finalize import fsync_dir, swap_staged_entries
+from bootc_unified.deploy.finalize import swap_staged_entries
 from bootc_unified.deploy.staged import MARKER, StagedMarker
 from bootc_unified.deploy.sysroot import Esp, Sysroot
 from bootc_unified.errors import UserError
-from bootc_unified.repository import Repository
+from bootc_unified.repository import Repository, fsync_dir
 
 ROLLBACK_OS_ID = "bootc"  # bootc's rollback writes this os_id into every sort-key
 TMP_PREFIX = ".entries.rollback."

@@ -38,13 +38,14 @@ from bootc_unified.boot.cmdline import (
     split_cmdline,
 )
 from bootc_unified.deploy import bls, etcmerge, kargs, state
-from bootc_unified.deploy.finalize import fsync_dir, mounted_image
+from bootc_unified.deploy.finalize import mounted_image
 from bootc_unified.deploy.install import Undo, find_kernel
 from bootc_unified.deploy.origin import BootSection, Origin
 from bootc_unified.deploy.osrelease import OsRelease
 from bootc_unified.deploy.staged import MARKER, StagedMarker
 from bootc_unified.deploy.sysroot import Esp, Sysroot
 from bootc_unified.errors import UserError
+from bootc_unified.repository import fsync_dir
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 from bootc_unified.deploy.origin import Origin
 from bootc_unified.deploy.sysroot import Sysroot
 from bootc_unified.errors import UserError
+from bootc_unified.repository import fsync_dir
 
 VAR_LINK = "../../os/default/var"
 
@@ -59,9 +60,9 @@ def write_deployment(sysroot: Sysroot, depl_id: str, image_root: Path, origin: O
         (tmp / "etc" / ".updated").unlink(missing_ok=True)
         os.symlink(VAR_LINK, tmp / "var")
         origin.write(tmp / f"{depl_id}.origin")
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         os.rename(tmp, final)
-        _fsync_dir(sysroot.deploy_dir)
+        fsync_dir(sysroot.deploy_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -88,11 +89,3 @@ def seed_var(sysroot: Sysroot, image_root: Path) -> bool:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return True
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -69,7 +69,8 @@ def interrupted(repo: Path) -> bool:
         return False
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync(2) of a directory: the names created, renamed or removed in it are on disk."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -211,7 +212,7 @@ class Repository:
             os.fsync(fd)
         finally:
             os.close(fd)
-        _fsync_dir(markers)
+        fsync_dir(markers)
         try:
             yield
         finally:
@@ -258,7 +259,7 @@ class Repository:
             self.sync()
             for m in found:
                 m.unlink()
-            _fsync_dir(markers)
+            fsync_dir(markers)
         return report
 
     def write_stream(self, content_id: str, data: bytes) -> str:
