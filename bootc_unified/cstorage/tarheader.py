@@ -80,7 +80,8 @@ def parse_number(field_bytes: bytes) -> int:
         if field_bytes[0] & 0x40:  # negative (two's complement)
             value -= 1 << (8 * len(field_bytes) - 1)
         return value
-    text = _cstr(field_bytes).strip(b" ")
+    end = field_bytes.find(b"\0")  # _cstr, inlined: eight fields per header
+    text = (field_bytes if end < 0 else field_bytes[:end]).strip(b" ")
     if not text:
         return 0
     try:
@@ -120,12 +121,13 @@ _ASCII = bytes(range(128))
 def _checksum_ok(block: bytes) -> bool:
     """The stored checksum is the sum of the block's bytes (the field itself as spaces), unsigned or,
     as some old tars wrote it, signed."""
-    want = parse_number(block[148:156])
-    data = block[:148] + b" " * 8 + block[156:]
-    unsigned = sum(data)
+    field = block[148:156]
+    want = parse_number(field)
+    unsigned = sum(block) - sum(field) + 8 * 0x20
     if want == unsigned:
         return True
-    high = len(data.translate(None, _ASCII))  # bytes over 127, each counts 256 less when signed
+    # bytes over 127 (the field, as spaces, has none) each count 256 less when signed
+    high = len(block.translate(None, _ASCII)) - len(field.translate(None, _ASCII))
     return want == unsigned - 256 * high
 
 
