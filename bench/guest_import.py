@@ -43,7 +43,11 @@ conf.write_text('[storage]\ndriver = "overlay"\n')
 ENV = {**os.environ, "CONTAINERS_STORAGE_CONF": str(conf)}
 
 def run(*argv):
-    return subprocess.run(argv, check=True, capture_output=True, text=True, env=ENV).stdout
+    proc = subprocess.run(argv, capture_output=True, text=True, env=ENV)
+    if proc.returncode:
+        last = (proc.stderr.strip().splitlines() or ["no stderr"])[-1]
+        sys.exit(f"{' '.join(argv[:4])} ... exited {proc.returncode}: {last}")
+    return proc.stdout
 
 def drop():
     os.sync()
@@ -68,6 +72,7 @@ for d in diffs:
 drop()
 start = time.monotonic()
 copy = ["cp", "-al"] if fs == "ext4" else ["cp", "-a", "--reflink=always"]
+(root / "floor").mkdir()
 for i, d in enumerate(diffs):
     run(*copy, d, str(root / "floor" / str(i)))
 copied = time.monotonic() - start
