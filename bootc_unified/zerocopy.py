@@ -9,6 +9,8 @@ import fcntl
 import os
 import threading
 
+from bootc_unified.libc import libc
+
 FICLONE = 0x40049409
 
 # errnos meaning "this pair of filesystems cannot share extents"; anything else is a real error.
@@ -89,9 +91,6 @@ class _FileHandle(ctypes.Structure):
     ]
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 def _check(result: int, what: str) -> int:
     if result < 0:
         err = ctypes.get_errno()
@@ -112,8 +111,8 @@ def reopen_through(fd: int, mount_fd: int) -> int:
     handle.handle_bytes = MAX_HANDLE_SZ
     mount_id = ctypes.c_int()
     _check(
-        _libc.name_to_handle_at(fd, b"", ctypes.byref(handle), ctypes.byref(mount_id), AT_EMPTY_PATH),
+        libc().name_to_handle_at(fd, b"", ctypes.byref(handle), ctypes.byref(mount_id), AT_EMPTY_PATH),
         "name_to_handle_at",
     )
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
-    return _check(_libc.open_by_handle_at(mount_fd, ctypes.byref(handle), flags), "open_by_handle_at")
+    return _check(libc().open_by_handle_at(mount_fd, ctypes.byref(handle), flags), "open_by_handle_at")
