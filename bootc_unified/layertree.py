@@ -173,14 +173,9 @@ class Flattener:
                 self._set_dir_meta(existing, meta(stat.S_IFDIR))
                 return
             node = Directory(**meta(stat.S_IFDIR))
-        elif kind == "file":  # the common case, built without the meta() dict
+        elif kind == "file":
             node = Regular(
-                mode=stat.S_IFREG | h.mode,
-                uid=h.uid,
-                gid=h.gid,
-                mtime=h.mtime,
-                mtime_nsec=h.mtime_nsec,
-                xattrs=xattrs,
+                **meta(stat.S_IFREG),
                 size=h.size,
                 data=m.data if h.size else b"",
                 object_id=m.object_id,

@@ -80,8 +80,7 @@ def parse_number(field_bytes: bytes) -> int:
         if field_bytes[0] & 0x40:  # negative (two's complement)
             value -= 1 << (8 * len(field_bytes) - 1)
         return value
-    end = field_bytes.find(b"\0")  # _cstr, inlined: eight fields per header
-    text = (field_bytes if end < 0 else field_bytes[:end]).strip(b" ")
+    text = _cstr(field_bytes).strip(b" ")
     if not text:
         return 0
     try:
