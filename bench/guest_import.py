@@ -54,6 +54,13 @@ def drop():
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
+def regular_files(top):
+    for dirpath, _, names in os.walk(top):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            if os.path.isfile(p) and not os.path.islink(p):
+                yield p
+
 def podman(store, *argv):
     return run("podman", "--root", str(root / store), "--runroot", f"/run/bench-{store}", *argv)
 
@@ -63,12 +70,9 @@ info = json.loads(podman("a", "image", "inspect", image))[0]["GraphDriver"]["Dat
 diffs = [info["UpperDir"], *[d for d in info.get("LowerDir", "").split(":") if d]]
 files = bytes_ = 0
 for d in diffs:
-    for dirpath, _, names in os.walk(d):
-        for n in names:
-            p = os.path.join(dirpath, n)
-            if os.path.isfile(p) and not os.path.islink(p):
-                files += 1
-                bytes_ += os.path.getsize(p)
+    for p in regular_files(d):
+        files += 1
+        bytes_ += os.path.getsize(p)
 
 drop()
 start = time.monotonic()
@@ -77,24 +81,18 @@ copy = ["cp", "-al"] if fs == "ext4" else ["cp", "-a", "--reflink=always"]
 for i, d in enumerate(diffs):
     run(*copy, d, str(root / "floor" / str(i)))
 copied = time.monotonic() - start
-for dirpath, _, names in os.walk(root / "floor"):
-    for n in names:
-        p = os.path.join(dirpath, n)
-        if os.path.isfile(p) and not os.path.islink(p):
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                verity.enable(fd, verity.HashAlg.SHA512)
-            finally:
-                os.close(fd)
+for p in regular_files(root / "floor"):
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        verity.enable(fd, verity.HashAlg.SHA512)
+    finally:
+        os.close(fd)
 floor = time.monotonic() - start
 # the DiffID check's part of the floor (bench/import_image.py counts it): sha256 of every byte once
 start = time.monotonic()
-for dirpath, _, names in os.walk(root / "floor"):
-    for n in names:
-        p = os.path.join(dirpath, n)
-        if os.path.isfile(p) and not os.path.islink(p):
-            with open(p, "rb") as f:
-                hashlib.file_digest(f, "sha256")
+for p in regular_files(root / "floor"):
+    with open(p, "rb") as f:
+        hashlib.file_digest(f, "sha256")
 sha256 = time.monotonic() - start
 
 drop()
