@@ -1,9 +1,11 @@
 """Flatten a tree into the writer's inode list, checking everything EROFS and overlayfs need.
 
 Inodes come in depth-first order: a directory, then its children in bytewise name order (a
-hardlinked leaf where its first name is met). Each inode gets its xattrs as (prefix index,
-suffix, value), the overlay ones first for external files, then the source ones sorted by name
-with trusted.overlay.X escaped to trusted.overlay.overlay.X.
+hardlinked leaf where its first name is met). Each inode gets its source xattrs as (prefix index,
+suffix, value), sorted by name with trusted.overlay.X escaped to trusted.overlay.overlay.X, and an
+external file (a regular file over INLINE_MAX bytes) the raw fs-verity digest of its object: the
+writer stores trusted.overlay.metacopy and .redirect for it (`overlay_xattrs`) before the source
+ones.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import functools
 import stat
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from bootc_unified.erofs import format as fmt
 from bootc_unified.erofs.errors import TreeError
@@ -32,12 +33,10 @@ _EXPECTED_TYPE: dict[type, tuple[int, ...]] = {
 }
 
 
-class Entry(NamedTuple):
-    """A directory entry; names are unique in a directory, so entries sort by name as tuples."""
-
-    name: bytes
-    inode: int  # index into the inode list
-    file_type: int
+# A directory entry: (name, inode index, file type). Names are unique in a directory, so entries
+# sort by name as tuples. Plain tuples: a directory-heavy tree has one per inode, and a NamedTuple
+# costs a Python call each to build.
+Entry = tuple[bytes, int, int]
 
 
 @dataclass(slots=True)
@@ -45,7 +44,8 @@ class FlatInode:
     node: Node
     path: bytes  # the first name it was found under, for messages
     nlink: int = 1
-    xattrs: list[XAttr] = field(default_factory=list)
+    xattrs: list[XAttr] = field(default_factory=list)  # the source xattrs, converted
+    digest: bytes | None = None  # external files: the object's fs-verity digest
     entries: list[Entry] = field(default_factory=list)  # directories: sorted, with . and ..
 
 
@@ -83,8 +83,8 @@ def _metacopy_header(alg: HashAlg) -> bytes:
     return bytes((0, 4 + alg.size, 0, alg.kernel_id))
 
 
-def overlay_xattrs(path: bytes, node: Regular, alg: HashAlg) -> list[XAttr]:
-    """trusted.overlay.metacopy (with the fs-verity digest) and .redirect (into objects/)."""
+def object_digest(path: bytes, node: Regular, alg: HashAlg) -> bytes:
+    """The raw digest named by an external file's object_id, which must be canonical lowercase hex."""
     oid = node.object_id
     try:  # lowercase hex of the digest's length: what fromhex takes back and hex() gives again
         digest = bytes.fromhex(oid) if oid is not None and len(oid) == 2 * alg.size else b""
@@ -95,18 +95,23 @@ def overlay_xattrs(path: bytes, node: Regular, alg: HashAlg) -> list[XAttr]:
             f"{show(path)}: regular file of {node.size} bytes needs object_id, "
             f"a lowercase hex {alg.label} fs-verity digest of {2 * alg.size} digits (got {oid!r})"
         )
+    return digest
+
+
+def overlay_xattrs(digest: bytes, alg: HashAlg) -> list[XAttr]:
+    """trusted.overlay.metacopy (with the fs-verity digest) and .redirect (into objects/)."""
+    oid = digest.hex()
     return [
         (_METACOPY_INDEX, _METACOPY_SUFFIX, _metacopy_header(alg) + digest),
         (_REDIRECT_INDEX, _REDIRECT_SUFFIX, f"/{oid[:2]}/{oid[2:]}".encode()),
     ]
 
 
-def convert_xattrs(path: bytes, node: Node, alg: HashAlg) -> list[XAttr]:
-    out: list[XAttr] = []
-    if isinstance(node, Regular) and node.size > INLINE_MAX:
-        out = overlay_xattrs(path, node, alg)
+def convert_xattrs(path: bytes, node: Node) -> list[XAttr]:
+    """The node's own xattrs as stored: checked, escaped, sorted by name."""
     if not node.xattrs:
-        return out
+        return []
+    out: list[XAttr] = []
     items: list[tuple[bytes, bytes]] = []
     for name in sorted(node.xattrs):
         value = node.xattrs[name]
@@ -178,29 +183,32 @@ def check_node(path: bytes, node: Node) -> None:
             raise TreeError(f"{show(path)}: device number {node.rdev:#x} does not fit EROFS's 32 bits")
 
 
-def file_type(node: Node) -> int:
-    return fmt.FILE_TYPES[node.mode & 0o170000]
-
-
 def collect(root: Directory, alg: HashAlg) -> list[FlatInode]:
     """The inode list, root first; hardlinked leaves once, with nlink counting their names."""
     check_node(b"/", root)
     inodes: list[FlatInode] = []
     index_of: dict[int, int] = {}  # id(node) -> inode index
+    directories: list[int] = []  # their inode indexes
     # Depth-first with an explicit stack (deep trees don't hit Python's recursion limit);
-    # children are pushed in reverse so they are visited in name order.
+    # children are pushed in reverse so they are visited in name order. check_node has made sure
+    # every node's type is exactly one of the tree's classes, so `type(node) is` tells them apart.
     stack: list[tuple[bytes, Node]] = [(b"", root)]
     while stack:
         path, node = stack.pop()
         seen = index_of.get(id(node))
         if seen is not None:
-            if isinstance(node, Directory):
+            if type(node) is Directory:
                 raise TreeError(f"{show(path)}: a directory may appear only once in the tree")
             inodes[seen].nlink += 1
             continue
         index_of[id(node)] = len(inodes)
-        inodes.append(FlatInode(node, path or b"/", xattrs=convert_xattrs(path or b"/", node, alg)))
-        if isinstance(node, Directory):
+        flat = FlatInode(node, path or b"/")
+        if type(node) is Regular and node.size > INLINE_MAX:
+            flat.digest = object_digest(flat.path, node, alg)
+        if node.xattrs:
+            flat.xattrs = convert_xattrs(flat.path, node)
+        if type(node) is Directory:
+            directories.append(len(inodes))
             children = node.entries
             pushed = []
             for name in sorted(children):
@@ -211,21 +219,21 @@ def collect(root: Directory, alg: HashAlg) -> list[FlatInode]:
                 pushed.append((child_path, child))
             pushed.reverse()
             stack += pushed
+        inodes.append(flat)
     # Second pass: directory entries, now that every node has its index.
-    for me, inode in enumerate(inodes):
-        directory = inode.node
-        if not isinstance(directory, Directory):
-            continue
-        entries = [Entry(b".", me, fmt.FT_DIR)]
+    file_types = fmt.FILE_TYPES
+    for me in directories:
+        inode = inodes[me]
+        entries: list[Entry] = [(b".", me, fmt.FT_DIR)]
         subdirs = 0
-        for name, child in directory.entries.items():
+        for name, child in inode.node.entries.items():  # type: ignore[union-attr]
             index = index_of[id(child)]
-            if isinstance(child, Directory):
+            if type(child) is Directory:
                 subdirs += 1
-                inodes[index].entries.append(Entry(b"..", me, fmt.FT_DIR))
-            entries.append(Entry(name, index, file_type(child)))
+                inodes[index].entries.append((b"..", me, fmt.FT_DIR))
+            entries.append((name, index, file_types[child.mode & 0o170000]))
         if me == 0:
-            entries.append(Entry(b"..", 0, fmt.FT_DIR))  # the root is its own parent
+            entries.append((b"..", 0, fmt.FT_DIR))  # the root is its own parent
         entries += inode.entries
         entries.sort()
         inode.entries = entries

@@ -16,13 +16,14 @@ Decisions:
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bootc_unified.erofs import format as fmt
-from bootc_unified.erofs.collect import Entry, FlatInode, XAttr, collect, show
+from bootc_unified.erofs.collect import Entry, FlatInode, collect, overlay_xattrs, show
 from bootc_unified.erofs.errors import TreeError
-from bootc_unified.erofs.tree import INLINE_MAX, Device, Directory, Regular, Symlink
+from bootc_unified.erofs.tree import Device, Directory, Regular, Symlink
 from bootc_unified.verity import HashAlg
 
 INLINE_TAIL_MAX = fmt.BLOCK_SIZE // 2
@@ -46,6 +47,7 @@ class Plan:
     chunk_format: int = 0
     offset: int = 0
     start_block: int = 0
+    dir_blocks: list[list[Entry]] = field(default_factory=list)  # directories: entries per block
 
     @property
     def meta_size(self) -> int:
@@ -57,7 +59,7 @@ def directory_blocks(entries: list[Entry]) -> list[list[Entry]]:
     blocks: list[list[Entry]] = [[]]
     used = 0
     for entry in entries:
-        need = fmt.DIRENT.size + len(entry.name)
+        need = fmt.DIRENT.size + len(entry[0])
         if used + need > fmt.BLOCK_SIZE:
             blocks.append([])
             used = 0
@@ -67,7 +69,7 @@ def directory_blocks(entries: list[Entry]) -> list[list[Entry]]:
 
 
 def directory_size(blocks: list[list[Entry]]) -> int:
-    last = sum(fmt.DIRENT.size + len(e.name) for e in blocks[-1])
+    last = sum(fmt.DIRENT.size + len(e[0]) for e in blocks[-1])
     return (len(blocks) - 1) * fmt.BLOCK_SIZE + last
 
 
@@ -79,10 +81,55 @@ def chunk_format(size: int) -> tuple[int, int]:
     return chunk_format, -(-size // chunk_size)
 
 
-def share_xattrs(inodes: list[FlatInode]) -> tuple[list[XAttr], dict[XAttr, int]]:
-    counts = Counter(x for inode in inodes for x in set(inode.xattrs))
-    table = sorted(x for x, n in counts.items() if n > 1)
-    return table, {x: i for i, x in enumerate(table)}
+class XattrPlanner:
+    """Lays out each inode's xattrs: pairs that more than one inode has go to the shared table.
+
+    An external file's metacopy and redirect xattrs come first, then its own. Files that share an
+    object share those two; an external file with no xattrs of its own and an object of its own
+    (the usual case) takes the fast path: its packed entries are the digest and object path set
+    into fixed bytes.
+    """
+
+    def __init__(self, inodes: list[FlatInode], alg: HashAlg) -> None:
+        self.alg = alg
+        counts = Counter(x for inode in inodes if inode.xattrs for x in set(inode.xattrs))
+        objects = Counter(inode.digest for inode in inodes if inode.digest is not None)
+        self.shared_objects = {digest for digest, n in objects.items() if n > 1}
+        for digest in self.shared_objects:
+            for x in overlay_xattrs(digest, alg):
+                counts[x] += objects[digest]
+        self.table = sorted(x for x, n in counts.items() if n > 1)
+        self.index = {x: i for i, x in enumerate(self.table)}
+
+    def plan(self, inode: FlatInode) -> tuple[list[int], bytes, int, int]:
+        """(shared indexes, packed local xattrs, xattr area size, name filter) of one inode."""
+        digest = inode.digest
+        if digest is not None and not inode.xattrs and digest not in self.shared_objects:
+            own = _overlay_entries(self.alg)
+            oid = digest.hex().encode()
+            entries = (own.metacopy_head, digest, own.between, oid[:2], b"/", oid[2:], own.tail)
+            return [], b"".join(entries), own.size, own.name_filter
+        xattrs = inode.xattrs if digest is None else overlay_xattrs(digest, self.alg) + inode.xattrs
+        if not xattrs:
+            return [], b"", 0, 0
+        shared: list[int] = []
+        local: list[bytes] = []
+        bits = 0
+        for x in xattrs:
+            bits |= fmt.filter_bit(x[0], x[1])
+            index = self.index.get(x)
+            if index is not None and len(shared) < fmt.SHARED_MAX:
+                shared.append(index)
+            else:
+                local.append(xattr_entry(*x))
+        packed = b"".join(local)
+        size = fmt.XATTR_IBODY_HEADER.size + 4 * len(shared) + len(packed)
+        if (size - fmt.XATTR_IBODY_HEADER.size) // 4 + 1 > fmt.XATTR_ICOUNT_MAX:
+            raise TreeError(
+                f"{show(inode.path)}: xattrs need {size} bytes, more than an EROFS inode holds "
+                f"({fmt.XATTR_IBODY_HEADER.size + 4 * (fmt.XATTR_ICOUNT_MAX - 1)})"
+            )
+        return shared, packed, size, ~bits & 0xFFFFFFFF
 
 
 def xattr_entry(index: int, suffix: bytes, value: bytes) -> bytes:
@@ -91,56 +138,74 @@ def xattr_entry(index: int, suffix: bytes, value: bytes) -> bytes:
     return raw + bytes(-len(raw) % 4)
 
 
-def inode_xattrs(inode: FlatInode, shared_index: dict[XAttr, int]) -> tuple[list[int], bytes, int, int]:
-    """(shared indexes, packed local xattrs, xattr area size, name filter) of one inode."""
-    if not inode.xattrs:
-        return [], b"", 0, 0
-    shared: list[int] = []
-    local: list[bytes] = []
-    bits = 0
-    for x in inode.xattrs:
-        bits |= fmt.filter_bit(x[0], x[1])
-        index = shared_index.get(x)
-        if index is not None and len(shared) < fmt.SHARED_MAX:
-            shared.append(index)
-        else:
-            local.append(xattr_entry(*x))
-    packed = b"".join(local)
-    size = fmt.XATTR_IBODY_HEADER.size + 4 * len(shared) + len(packed)
-    if (size - fmt.XATTR_IBODY_HEADER.size) // 4 + 1 > fmt.XATTR_ICOUNT_MAX:
-        raise TreeError(
-            f"{show(inode.path)}: xattrs need {size} bytes, more than an EROFS inode holds "
-            f"({fmt.XATTR_IBODY_HEADER.size + 4 * (fmt.XATTR_ICOUNT_MAX - 1)})"
-        )
-    return shared, packed, size, ~bits & 0xFFFFFFFF
+@dataclass(frozen=True, slots=True)
+class OverlayEntries:
+    """The packed metacopy + redirect entries of an external file, around its digest and object
+    path: metacopy_head + digest + between + "XX" + "/" + rest of the hex digest + tail."""
+
+    metacopy_head: bytes
+    between: bytes
+    tail: bytes
+    size: int  # the xattr area: ibody header + both entries
+    name_filter: int
 
 
-def plan_inode(inode: FlatInode, shared_index: dict[XAttr, int], build_time: tuple[int, int]) -> Plan:
+@functools.cache
+def _overlay_entries(alg: HashAlg) -> OverlayEntries:
+    digest = bytes(alg.size)
+    (mi, ms, mv), (ri, rs, rv) = overlay_xattrs(digest, alg)
+    metacopy, redirect = xattr_entry(mi, ms, mv), xattr_entry(ri, rs, rv)
+    m_end = fmt.XATTR_ENTRY.size + len(ms) + len(mv)  # where the digest ends
+    r_start = fmt.XATTR_ENTRY.size + len(rs) + 1  # after the redirect's leading "/"
+    r_end = fmt.XATTR_ENTRY.size + len(rs) + len(rv)
+    entries = OverlayEntries(
+        metacopy[: m_end - alg.size],
+        metacopy[m_end:] + redirect[:r_start],
+        redirect[r_end:],
+        fmt.XATTR_IBODY_HEADER.size + len(metacopy) + len(redirect),
+        ~(fmt.filter_bit(mi, ms) | fmt.filter_bit(ri, rs)) & 0xFFFFFFFF,
+    )
+    assert entries.metacopy_head + digest + entries.between + rv[1:] + entries.tail == metacopy + redirect
+    return entries
+
+
+def needs_extended(inode: FlatInode, size: int, build_time: tuple[int, int]) -> bool:
+    """Whether a compact inode cannot say everything (see the module's decisions)."""
     node = inode.node
-    shared, local, xattr_size, name_filter = inode_xattrs(inode, shared_index)
-    if isinstance(node, Directory):
-        content = directory_size(directory_blocks(inode.entries))
-        size = content
-    elif isinstance(node, Regular):
-        size = node.size
-        content = size if size <= INLINE_MAX else 0
-    elif isinstance(node, Symlink):
-        size = content = len(node.target)
-    else:
-        size = content = 0
-    extended = not (
+    return not (
         node.uid <= 0xFFFF
         and node.gid <= 0xFFFF
         and inode.nlink <= 0xFFFF
         and size <= 0xFFFFFFFF
-        and (node.mtime, node.mtime_nsec) == build_time
+        and node.mtime == build_time[0]
+        and node.mtime_nsec == build_time[1]
     )
+
+
+def plan_inode(inode: FlatInode, xattrs: XattrPlanner, build_time: tuple[int, int]) -> Plan:
+    node = inode.node
+    shared, local, xattr_size, name_filter = xattrs.plan(inode)
+    if inode.digest is not None:  # an external file: null chunks, its data is the object
+        size = node.size  # type: ignore[union-attr]
+        chunked, chunks = chunk_format(size)
+        extended = needs_extended(inode, size, build_time)
+        inline = fmt.CHUNK_ENTRY * chunks
+        layout = fmt.LAYOUT_CHUNK_BASED
+        return Plan(extended, layout, size, 0, inline, 0, shared, local, xattr_size, name_filter, chunked)
+    blocks: list[list[Entry]] = []
+    if isinstance(node, Directory):
+        blocks = directory_blocks(inode.entries)
+        content = directory_size(blocks)
+        size = content
+    elif isinstance(node, Regular):  # inline: INLINE_MAX bytes at most
+        size = content = node.size
+    elif isinstance(node, Symlink):
+        size = content = len(node.target)
+    else:
+        size = content = 0
+    extended = needs_extended(inode, size, build_time)
     plan = Plan(extended, fmt.LAYOUT_FLAT_PLAIN, size, content, 0, 0, shared, local, xattr_size, name_filter)
-    if isinstance(node, Regular) and size > INLINE_MAX:
-        plan.layout = fmt.LAYOUT_CHUNK_BASED
-        plan.chunk_format, chunks = chunk_format(size)
-        plan.inline = fmt.CHUNK_ENTRY * chunks
-        return plan
+    plan.dir_blocks = blocks
     tail = content % fmt.BLOCK_SIZE
     if tail and tail <= INLINE_TAIL_MAX and plan.meta_size + tail <= fmt.BLOCK_SIZE:
         plan.layout = fmt.LAYOUT_FLAT_INLINE
@@ -173,9 +238,10 @@ def most_common_mtime(inodes: list[FlatInode]) -> tuple[int, int]:
 def write_image(root: Directory, alg: HashAlg) -> bytes:
     """The composefs EROFS image of `root`; regular files over 64 bytes refer to objects by digest."""
     inodes = collect(root, alg)
-    table, shared_index = share_xattrs(inodes)
+    xattrs = XattrPlanner(inodes, alg)
+    table = xattrs.table
     build_time = most_common_mtime(inodes)
-    plans = [plan_inode(inode, shared_index, build_time) for inode in inodes]
+    plans = [plan_inode(inode, xattrs, build_time) for inode in inodes]
     inodes_end = place(plans)
     if plans[0].offset // fmt.NID_ALIGN > 0xFFFF:
         raise TreeError("root inode does not fit the superblock's 16-bit root_nid")
@@ -237,7 +303,7 @@ def i_u(inode: FlatInode, plan: Plan) -> int:
 def content_of(inode: FlatInode, plan: Plan, plans: list[Plan]) -> bytes:
     node = inode.node
     if isinstance(node, Directory):
-        return directory_content(directory_blocks(inode.entries), plans)
+        return directory_content(plan.dir_blocks, plans)
     if isinstance(node, Regular):
         return node.data or b""
     if isinstance(node, Symlink):
@@ -250,10 +316,10 @@ def directory_content(blocks: list[list[Entry]], plans: list[Plan]) -> bytes:
     for i, block in enumerate(blocks):
         nameoff = fmt.DIRENT.size * len(block)
         dirents = bytearray()
-        for entry in block:
-            dirents += fmt.DIRENT.pack(plans[entry.inode].offset // fmt.NID_ALIGN, nameoff, entry.file_type)
-            nameoff += len(entry.name)
-        data = bytes(dirents) + b"".join(e.name for e in block)
+        for name, index, file_type in block:
+            dirents += fmt.DIRENT.pack(plans[index].offset // fmt.NID_ALIGN, nameoff, file_type)
+            nameoff += len(name)
+        data = bytes(dirents) + b"".join(e[0] for e in block)
         parts.append(data.ljust(fmt.BLOCK_SIZE, b"\0") if i < len(blocks) - 1 else data)
     return b"".join(parts)
 
