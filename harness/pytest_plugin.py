@@ -97,6 +97,23 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("fs_kind", kinds)
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest first: the VM scenarios' tests ordered by their expected wall time (the scenario
+    registry's, shared among a scenario's test functions), ahead of everything else in collection
+    order. With -n N and `--dist load --maxschedchunk 1`
+    (ci/test, bootc-unified-qualify) each worker takes the next test when it finishes one, so the
+    long scenarios start at once and the short tests fill the end (a 30-minute scenario started
+    last would run alone). Every worker collects the same, so every worker sorts the same."""
+    from harness.qualify.scenarios import owner
+
+    def expected(item: pytest.Item) -> float:
+        scenario = owner(item.nodeid)
+        return scenario.expected_seconds / len(scenario.nodes) if scenario is not None else 0.0
+
+    items.sort(key=expected, reverse=True)  # stable: equal times keep collection order
+
+
 # --- the local registry (session-scoped, one per xdist worker) ---------------------------------
 
 

@@ -249,7 +249,7 @@ def pytest_args(opts: Options) -> list[str]:
     if opts.update_image:
         args += ["--user-update-image", opts.update_image]
     if opts.workers > 1:
-        args += ["-n", str(opts.workers)]
+        args += ["-n", str(opts.workers), "--dist", "load", "--maxschedchunk", "1"]  # longest first
     return args
 
 

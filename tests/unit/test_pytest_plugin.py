@@ -72,3 +72,25 @@ def test_misspelt_fs_marker_is_a_usage_error(
     assert proc.returncode not in (0, 5), output  # 5: nothing collected
     assert f"test_generated.py::test_it: {message}; choose from btrfs, xfs, ext4" in output, output
     assert "1 test collected" not in output and "[xfs]" not in output
+
+
+def test_the_longest_scenarios_are_collected_first() -> None:
+    """The order the workers take tests in (ci/test: --dist load --maxschedchunk 1): VM scenarios'
+    tests by expected wall time (a scenario's shared among its functions), longest first, then
+    everything else in file order."""
+    from harness.qualify.scenarios import owner
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+         "--scenarios", "sample", "tests/unit/test_tarsplit.py", "tests/vm"],
+        cwd=root, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ids = [line for line in proc.stdout.splitlines() if "::" in line]
+    times = [s.expected_seconds / len(s.nodes) if (s := owner(i)) else 0.0 for i in ids]
+    assert times == sorted(times, reverse=True), ids
+    longest = max(s.expected_seconds / len(s.nodes) for i in ids if (s := owner(i)))
+    assert times[0] == longest and times[-1] == 0.0
+    rest = [i for i in ids if owner(i) is None]
+    assert rest[0].startswith("tests/unit/test_tarsplit.py::"), rest[:3]  # file order kept after them
