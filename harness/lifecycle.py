@@ -104,10 +104,21 @@ def esp_device(vm: Machine) -> str:
     return device
 
 
+ESP_CHECK_UNIT = "bootc-unified-esp-fsck.service"
+
+
+def wait_esp_check(vm: Machine) -> None:
+    """The boot's ESP check finished (the boot does not wait for it; whatever mounts the ESP does,
+    as the verbs do): `systemctl start` waits for a running oneshot and is a no-op after it ran.
+    Fails when the check failed."""
+    vm.run(["systemctl", "start", ESP_CHECK_UNIT])
+
+
 def esp_check(vm: Machine) -> tuple[str, str]:
     """(what bootc-unified-esp-fsck.service said this boot, fsck.fat -n's verdict on the ESP now).
     The second is the oracle: dosfstools' own read-only check, asserted clean (the ESP unmounted:
     a mounted FAT carries its dirty bit)."""
+    wait_esp_check(vm)
     device = esp_device(vm)
     assert not vm.run(["findmnt", "-n", "-S", device], check=False).ok, f"{device} is mounted"
     said = vm.run("journalctl -b -o cat -u bootc-unified-esp-fsck.service | grep '^ESP ' || true").stdout
@@ -122,6 +133,7 @@ def mount_esp(vm: Machine) -> str:
     found = vm.run(["findmnt", "-n", "-t", "vfat", "-o", "TARGET"], check=False).stdout.split()
     if found:
         return found[0]
+    wait_esp_check(vm)
     device = esp_device(vm)
     vm.run(f"mkdir -p {TEST_ESP} && mount -t vfat {shlex.quote(device)} {TEST_ESP}")
     return TEST_ESP

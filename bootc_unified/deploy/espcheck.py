@@ -7,7 +7,8 @@ directory (invalid entries)" and remounts the ESP read-only, so status, upgrade 
 someone runs fsck. A booted bootc system has its ESP in fstab, which makes systemd-fsck run
 `fsck.fat -a` on it at boot; our verbs mount the ESP on demand (as bootc does), so this unit does
 the same check: `fsck.fat -a -w` on the ESP of the physical root's disk, at every boot, before
-sysinit.target (nothing has mounted the ESP yet), pass after pass until it finds nothing more
+anything mounts it (the boot goes on meanwhile; the verbs wait for it before they mount the ESP:
+sysroot.wait_for_esp_check), pass after pass until it finds nothing more
 (a directory whose cluster and FAT entry were never written takes three: its '.' entries, then
 its start, then its orphaned long name). fsck.fat exits 0 when clean and 1 when it repaired
 something, but also 1 when it gave up; a finished check prints its summary line.

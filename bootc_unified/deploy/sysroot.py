@@ -169,6 +169,25 @@ def esp_partition(physical_root: Path) -> str | None:
     return None
 
 
+ESP_CHECK_UNIT = "bootc-unified-esp-fsck.service"
+
+
+def wait_for_esp_check(run: Path = Path("/run/systemd/system")) -> None:
+    """On a booted system (systemd), the boot's ESP check done before the ESP is mounted: start
+    bootc-unified-esp-fsck.service and wait for it (a no-op once it ran this boot, or where its
+    condition, a composefs boot, does not hold). The boot does not wait for it; the first mount
+    does. Its failure is the unit's to report (journal, failed unit): the mount goes on, as it
+    did before the check existed, and fails by itself when the ESP is unreadable."""
+    import subprocess
+
+    if not run.is_dir():
+        return  # no systemd (a container, an installer chroot): nothing checks the ESP at boot
+    try:
+        subprocess.run(["systemctl", "start", ESP_CHECK_UNIT], capture_output=True, check=False)
+    except FileNotFoundError:
+        return
+
+
 def default_esp(mountinfo: Path = MOUNTINFO, physical_root: Path = Path("/sysroot")) -> Path:
     """The mounted ESP; when none is, the ESP of the physical root's disk mounted at
     /run/bootc-unified/esp (as bootc mounts it on demand)."""
@@ -182,6 +201,7 @@ def default_esp(mountinfo: Path = MOUNTINFO, physical_root: Path = Path("/sysroo
         raise UserError("no EFI system partition mounted (vfat at /boot/efi, /efi or /boot); pass --esp DIR")
     import subprocess
 
+    wait_for_esp_check()
     ESP_MOUNT.mkdir(parents=True, exist_ok=True)
     options = "noexec,nosuid,nodev,fmask=0177,dmask=0077"
     proc = subprocess.run(

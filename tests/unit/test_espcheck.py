@@ -62,3 +62,26 @@ def test_not_a_fat_filesystem_is_one_line_naming_it(tmp_path: Path) -> None:
     with pytest.raises(UserError) as e:
         fsck_esp(device=str(junk))
     assert str(junk) in str(e.value) and "fsck.fat -a failed" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("booted", [True, False])
+def test_a_verb_waits_for_the_boots_check_before_it_mounts_the_esp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, booted: bool
+) -> None:
+    """wait_for_esp_check: `systemctl start` of the check unit (waits for a running oneshot, no-op
+    after it ran) on a systemd-booted system, nothing elsewhere. This host runs no systemd, so a
+    stand-in `systemctl` on PATH (a test double) records what it was asked; the VM tier's tamper and
+    power-cut scenarios prove the wait on a real boot."""
+    from bootc_unified.deploy.sysroot import ESP_CHECK_UNIT, wait_for_esp_check
+
+    bin_dir, log = tmp_path / "bin", tmp_path / "systemctl.log"
+    bin_dir.mkdir()
+    (bin_dir / "systemctl").write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    (bin_dir / "systemctl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    run = tmp_path / "run-systemd-system"
+    if booted:
+        run.mkdir()
+    wait_for_esp_check(run)
+    assert (log.read_text() if log.exists() else "") == (f"start {ESP_CHECK_UNIT}\n" if booted else "")
+    assert (Path(__file__).parents[2] / "bootc_unified/boot/units" / ESP_CHECK_UNIT).is_file()

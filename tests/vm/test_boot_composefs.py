@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from harness.lifecycle import wait_esp_check
 from harness.pytest_vm import Disk, GuestImages, artifacts_dir, backend_for
 from harness.registry import Registry
 from harness.ssh import KeyPair
@@ -52,6 +53,7 @@ def console_kargs(cmdline: str) -> str:
 
 
 def mount_esp(vm: Machine, disk: Disk) -> None:
+    wait_esp_check(vm)  # a composefs boot checks the ESP without the boot waiting; a plain one does not
     device = f"/dev/disk/by-partuuid/{disk.base.esp_partuuid}"
     vm.run(f"mkdir -p {ESP} && (mountpoint -q {ESP} || mount -t vfat {device} {ESP})")
 
