@@ -17,6 +17,7 @@ addopts = -p harness.pytest_plugin --strict-markers
 markers =
     fs(*names): run only on these loop filesystems
     sample(*names): with --scenarios=sample, only these
+    qualification_only: not with --scenarios=sample
 """
 
 
@@ -94,3 +95,17 @@ def test_the_longest_scenarios_are_collected_first() -> None:
     assert times[0] == longest and times[-1] == 0.0
     rest = [i for i in ids if owner(i) is None]
     assert rest[0].startswith("tests/unit/test_tarsplit.py::"), rest[:3]  # file order kept after them
+
+
+@pytest.mark.parametrize(("scenarios", "collected"), [("sample", False), ("all", True)])
+def test_a_qualification_only_scenario_is_deselected_from_a_sampled_run(
+    tmp_path: Path, scenarios: str, collected: bool
+) -> None:
+    """ci/test's `--scenarios sample` leaves it out, visibly (pytest's own "deselected" count)."""
+    body = "@pytest.mark.qualification_only\ndef test_it(fs_kind):\n    pass\n\n\n"
+    body += "def test_other():\n    pass\n"
+    proc = collect(tmp_path, body, "--fs", "xfs", "--scenarios", scenarios)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert ("test_generated.py::test_it[xfs]" in proc.stdout) is collected, proc.stdout
+    assert "test_generated.py::test_other" in proc.stdout
+    assert ("1 deselected" in proc.stdout) is not collected, proc.stdout

@@ -33,7 +33,9 @@ from harness.lifecycle import (
 from harness.pytest_vm import GuestImages, InstalledDiskFactory, VmFactory, artifacts_dir
 from harness.registry import Registry, manifest_digest
 
-pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.sample("ext4")]
+# Not in ci/test (its checks are lifecycle's, which CI runs; ~12 min of a 2-core TCG host's CI):
+# the qualification (`--scenario update`, `--image`/`--update-image`) and --scenarios all run it.
+pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.sample("ext4"), pytest.mark.qualification_only]
 
 OS = installed.variant_ref("v1")  # the name both images are pulled by (REFERENCES)
 UPGRADE_TIMEOUT = 600
