@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bootc_unified.deploy.sysroot import ESP_CHECK_UNIT
 from harness.guestmodules import run_module, ship
 from harness.ssh import SSHError
 from harness.vm import Machine
@@ -104,9 +105,6 @@ def esp_device(vm: Machine) -> str:
     return device
 
 
-ESP_CHECK_UNIT = "bootc-unified-esp-fsck.service"
-
-
 def wait_esp_check(vm: Machine) -> None:
     """The boot's ESP check finished (the boot does not wait for it; whatever mounts the ESP does,
     as the verbs do): `systemctl start` waits for a running oneshot and is a no-op after it ran.
@@ -121,7 +119,7 @@ def esp_check(vm: Machine) -> tuple[str, str]:
     wait_esp_check(vm)
     device = esp_device(vm)
     assert not vm.run(["findmnt", "-n", "-S", device], check=False).ok, f"{device} is mounted"
-    said = vm.run("journalctl -b -o cat -u bootc-unified-esp-fsck.service | grep '^ESP ' || true").stdout
+    said = vm.run(f"journalctl -b -o cat -u {ESP_CHECK_UNIT} | grep '^ESP ' || true").stdout
     check = vm.run(["fsck.fat", "-n", device], check=False)
     assert check.ok, f"the ESP is damaged:\n{check.stdout}{check.stderr}"
     return said.strip(), check.stdout.strip().splitlines()[-1]

@@ -100,19 +100,19 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """With `--scenarios sample`, @pytest.mark.qualification_only tests deselected (reported as
-    such). Then longest first: the VM scenarios' tests ordered by their expected wall time (the scenario
-    registry's, shared among a scenario's test functions), ahead of everything else in collection
-    order. With -n N and `--dist load --maxschedchunk 1`
-    (ci/test, bootc-unified-qualify) each worker takes the next test when it finishes one, so the
-    long scenarios start at once and the short tests fill the end (a 30-minute scenario started
-    last would run alone). Every worker collects the same, so every worker sorts the same."""
+    such). Then longest first: the VM scenarios' tests ordered by their expected wall time (the
+    scenario registry's, shared among a scenario's test functions), ahead of everything else in
+    collection order. With -n N and `--dist load --maxschedchunk 1` (ci/test,
+    bootc-unified-qualify) each worker takes the next test when it finishes one, so the long
+    scenarios start at once and the short tests fill the end (a 30-minute scenario started last
+    would run alone). Every worker collects the same, so every worker sorts the same."""
     from harness.qualify.scenarios import owner
 
     if config.getoption("--scenarios") == "sample":
         dropped = [i for i in items if i.get_closest_marker("qualification_only") is not None]
         if dropped:
             config.hook.pytest_deselected(items=dropped)
-            items[:] = [i for i in items if i.get_closest_marker("qualification_only") is None]
+            items[:] = [i for i in items if i not in dropped]
 
     def expected(item: pytest.Item) -> float:
         scenario = owner(item.nodeid)
