@@ -30,6 +30,7 @@ from bootc_unified.cstorage.tarsplit import FileEntry
 from bootc_unified.digestpool import DigestPool, FileDigest
 from bootc_unified.erofs.tree import INLINE_MAX  # contents up to this size stay inline
 from bootc_unified.errors import UserError
+from bootc_unified.gcpause import gc_paused
 from bootc_unified.repository import ObjectResult, Repository, escape_ref, splitstream
 from bootc_unified.repository.refs import object_id_of
 from bootc_unified.repository.stats import ImportStats
@@ -238,7 +239,8 @@ def create_image(repo: Repository, layers: list[tuple[str, str]]) -> str:
     from bootc_unified.layertree import flatten
 
     try:
-        data = write_image(flatten(repo, layers), repo.alg)
+        with gc_paused():
+            data = write_image(flatten(repo, layers), repo.alg)
     except TreeError as e:
         raise UserError(f"image of layers {', '.join(d for d, _ in layers)}: {e}") from e
     faults.point("create-image-before-store")
