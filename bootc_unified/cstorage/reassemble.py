@@ -86,10 +86,13 @@ def entry_content_path(diff_dir: bytes, entry: FileEntry, where: str) -> bytes:
 
 
 class StreamHasher:
-    """Streams file contents into the hash and the sink with one reusable 1 MiB buffer."""
+    """Streams file contents into the hash and the sink with one reusable 1 MiB buffer; checks each
+    file's CRC-64 against tar-split unless `check_crc` is off (the importer, which checks the
+    DiffID and looks for the file at fault only when that fails: `diagnose`)."""
 
-    def __init__(self, sink: Sink | None) -> None:
+    def __init__(self, sink: Sink | None, check_crc: bool = True) -> None:
         self.sink = sink
+        self.check_crc = check_crc
         self.buf = bytearray(CHUNK)
         self.view = memoryview(self.buf)
         self.sha = hashlib.sha256()
@@ -120,6 +123,7 @@ class StreamHasher:
         """Stream an opened diff file (from offset 0) into the hash, the CRC-64 check and the sink;
         its bytes are also appended to `keep` and fed to `digester` when given."""
         crc: int | None = None
+        check_crc = self.check_crc and entry.crc is not None
         remaining = entry.size
         offset = 0
         sha_update = self.sha.update
@@ -131,7 +135,8 @@ class StreamHasher:
                 raise LayerContentDamaged(f"{where}: diff file {shown} ended {remaining} bytes early")
             data = chunk[:n]
             sha_update(data)
-            crc = crc64_iso(data, crc)
+            if check_crc:
+                crc = crc64_iso(data, crc)
             if sink is not None:
                 sink.write(data)
             if keep is not None:
@@ -140,10 +145,7 @@ class StreamHasher:
                 digester.update(data)
             remaining -= n
             offset += n
-        if (
-            entry.crc is not None
-            and (crc if crc is not None else crc64_iso(b"")).to_bytes(8, "big") != entry.crc
-        ):
+        if check_crc and (crc if crc is not None else crc64_iso(b"")).to_bytes(8, "big") != entry.crc:
             raise TarSplitError(f"{where}: CRC-64 of diff file {shown} does not match tar-split")
         self.size += entry.size
 
@@ -193,6 +195,17 @@ def reassemble_stream(tar_split: Path, diff_dir: Path, label: str, sink: Sink | 
         files += 1
         file_bytes += entry.size
     return Reassembly("sha256:" + copier.sha.hexdigest(), copier.size, files, file_bytes)
+
+
+def diagnose(layer: Layer, digest: str, what: str) -> LayerContentDamaged | TarSplitError:
+    """The error for a layer whose `what` hashed to `digest`, not its DiffID: the first diff file
+    whose CRC-64, size or type differs from tar-split (found by reading the layer again, with the
+    CRC checks), else the DiffID mismatch itself."""
+    try:
+        reassemble_stream(layer.tar_split_path, layer.diff_path, layer.label, None)
+    except (LayerContentDamaged, TarSplitError) as e:
+        return e
+    return LayerDigestMismatch(f"layer {layer.label}: {what} has digest {digest}, expected the DiffID")
 
 
 def reassemble(layer: Layer, sink: Sink | None = None, *, verify: bool = True) -> Reassembly:
