@@ -21,7 +21,7 @@ import stat
 from collections.abc import Iterable, Sequence
 
 from bootc_unified.cstorage.reassemble import name_parts
-from bootc_unified.cstorage.tarheader import HeaderError
+from bootc_unified.cstorage.tarheader import CHARDEV, HeaderError, kind_of
 from bootc_unified.cstorage.walk import OPAQUE_MARKER, WHITEOUT_PREFIX
 from bootc_unified.erofs import format as erofs_format
 from bootc_unified.erofs.tree import Device, Directory, Fifo, InodeMeta, Node, Regular, Symlink
@@ -88,7 +88,6 @@ class Flattener:
         return None if parent is None else parent.entries.get(parts[-1])
 
     def apply(self, members: Iterable[Member], label: str) -> None:
-        members = list(members)
         entries: list[tuple[Member, list[bytes]]] = []
         self._layer_paths = set()
         self._dirs = {}
@@ -96,17 +95,19 @@ class Flattener:
             try:
                 parts = name_parts(m.name)
                 base = parts[-1] if parts else b""
-                if base == OPAQUE_MARKER:
-                    self._opaque(parts[:-1])
-                elif base.startswith(WHITEOUT_PREFIX):
-                    self._remove([*parts[:-1], base[len(WHITEOUT_PREFIX) :]])
-                elif m.devmajor == 0 and m.devminor == 0 and m.kind == "char":
+                if base.startswith(WHITEOUT_PREFIX):  # the opaque marker starts with it too
+                    if base == OPAQUE_MARKER:
+                        self._opaque(parts[:-1])
+                    else:
+                        self._remove([*parts[:-1], base[len(WHITEOUT_PREFIX) :]])
+                elif m.devmajor == 0 and m.devminor == 0 and m.typeflag == CHARDEV:
                     self._remove(parts)
                 else:
                     entries.append((m, parts))
             except ValueError as e:
                 raise self._error(label, m, str(e)) from None
         seen: set[bytes] = set()
+        layer_paths = self._layer_paths
         for m, parts in entries:
             key = b"/".join(parts)
             if key in seen:  # as containers/storage: "duplicates of file paths not supported"
@@ -116,7 +117,7 @@ class Flattener:
                 self._add(m, parts)
             except (ValueError, HeaderError) as e:
                 raise self._error(label, m, str(e)) from None
-            self._layer_paths.add(key)
+            layer_paths.add(key)
 
     def _remove(self, parts: list[bytes]) -> None:
         """A whiteout: its directory exists in this layer (containers/storage makes it), the name goes."""
@@ -144,70 +145,93 @@ class Flattener:
         self._layer_paths.add(b"/".join(parts))
 
     def _add(self, m: Member, parts: list[bytes]) -> None:
-        h = m
-        xattrs = _xattrs(h.xattrs) if h.xattrs else {}
-
-        def meta(type_bits: int) -> InodeMeta:
-            return {
-                "mode": type_bits | h.mode,
-                "uid": h.uid,
-                "gid": h.gid,
-                "mtime": h.mtime,
-                "mtime_nsec": h.mtime_nsec,
-                "xattrs": xattrs,
-            }
-
-        kind = h.kind
+        kind = kind_of(m.typeflag)
+        xattrs = _xattrs(m.xattrs) if m.xattrs else {}
         if not parts:
             if kind != "dir":
                 raise ValueError("the root must be a directory")
-            self._set_dir_meta(self.root, meta(stat.S_IFDIR))
+            self._set_dir_meta(self.root, stat.S_IFDIR | m.mode, m, xattrs)
             return
         parent = self._parent(parts, create=True)
         assert parent is not None
         name = parts[-1]
         existing = parent.entries.get(name)
         node: Node
-        if kind == "dir":
-            if isinstance(existing, Directory):
-                self._set_dir_meta(existing, meta(stat.S_IFDIR))
-                return
-            node = Directory(**meta(stat.S_IFDIR))
-        elif kind == "file":
+        # The nodes are built with keywords spelled out: this runs once per entry of every layer.
+        if kind == "file":
+            size = m.size
             node = Regular(
-                **meta(stat.S_IFREG),
-                size=h.size,
-                data=m.data if h.size else b"",
+                mode=stat.S_IFREG | m.mode,
+                uid=m.uid,
+                gid=m.gid,
+                mtime=m.mtime,
+                mtime_nsec=m.mtime_nsec,
+                xattrs=xattrs,
+                size=size,
+                data=m.data if size else b"",
                 object_id=m.object_id,
             )
+        elif kind == "dir":
+            if isinstance(existing, Directory):
+                self._set_dir_meta(existing, stat.S_IFDIR | m.mode, m, xattrs)
+                return
+            node = Directory(
+                mode=stat.S_IFDIR | m.mode,
+                uid=m.uid,
+                gid=m.gid,
+                mtime=m.mtime,
+                mtime_nsec=m.mtime_nsec,
+                xattrs=xattrs,
+            )
         elif kind == "hardlink":
-            target_parts = name_parts(h.linkname)
+            target_parts = name_parts(m.linkname)
             target = self._lookup(target_parts)
             if target is None:
                 raise ValueError(
-                    f"hardlink to {h.linkname.decode(errors='replace')!r}, which does not exist (yet)"
+                    f"hardlink to {m.linkname.decode(errors='replace')!r}, which does not exist (yet)"
                 )
             if isinstance(target, Directory):
                 raise ValueError("hardlink to a directory")
             node = target
         elif kind == "symlink":
-            node = Symlink(**meta(stat.S_IFLNK), target=h.linkname)
-            node.mode = stat.S_IFLNK | 0o777  # symlinks have no mode of their own on Linux
-        elif kind in ("char", "block"):
-            fmt = stat.S_IFCHR if kind == "char" else stat.S_IFBLK
-            node = Device(**meta(fmt), rdev=os.makedev(h.devmajor, h.devminor))
-        elif kind == "fifo":
-            node = Fifo(**meta(stat.S_IFIFO))
+            node = Symlink(  # symlinks have no mode of their own on Linux
+                mode=stat.S_IFLNK | 0o777,
+                uid=m.uid,
+                gid=m.gid,
+                mtime=m.mtime,
+                mtime_nsec=m.mtime_nsec,
+                xattrs=xattrs,
+                target=m.linkname,
+            )
         else:
-            raise ValueError(f"unsupported entry type {kind}")
+            node = _special(kind, m, xattrs)
         if isinstance(existing, Directory):  # a non-directory takes a directory's place
             self._dirs.clear()
         parent.entries[name] = node
 
     @staticmethod
-    def _set_dir_meta(d: Directory, meta: InodeMeta) -> None:
-        d.mode, d.uid, d.gid = meta["mode"], meta["uid"], meta["gid"]
-        d.mtime, d.mtime_nsec, d.xattrs = meta["mtime"], meta["mtime_nsec"], meta["xattrs"]
+    def _set_dir_meta(d: Directory, mode: int, m: Member, xattrs: dict[bytes, bytes]) -> None:
+        d.mode, d.uid, d.gid = mode, m.uid, m.gid
+        d.mtime, d.mtime_nsec, d.xattrs = m.mtime, m.mtime_nsec, xattrs
+
+
+def _special(kind: str, m: Member, xattrs: dict[bytes, bytes]) -> Node:
+    """A device or FIFO node."""
+    meta: InodeMeta = {
+        "mode": m.mode,
+        "uid": m.uid,
+        "gid": m.gid,
+        "mtime": m.mtime,
+        "mtime_nsec": m.mtime_nsec,
+        "xattrs": xattrs,
+    }
+    if kind in ("char", "block"):
+        meta["mode"] |= stat.S_IFCHR if kind == "char" else stat.S_IFBLK
+        return Device(**meta, rdev=os.makedev(m.devmajor, m.devminor))
+    if kind == "fifo":
+        meta["mode"] |= stat.S_IFIFO
+        return Fifo(**meta)
+    raise ValueError(f"unsupported entry type {kind}")
 
 
 def _xattrs(pax: dict[str, bytes]) -> dict[bytes, bytes]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import stat
-from dataclasses import dataclass, field
 
 from bootc_unified.erofs import format as fmt
 from bootc_unified.erofs.errors import TreeError
@@ -39,14 +38,26 @@ _EXPECTED_TYPE: dict[type, tuple[int, ...]] = {
 Entry = tuple[bytes, int, int]
 
 
-@dataclass(slots=True)
 class FlatInode:
-    node: Node
-    path: bytes  # the first name it was found under, for messages
-    nlink: int = 1
-    xattrs: list[XAttr] = field(default_factory=list)  # the source xattrs, converted
-    digest: bytes | None = None  # external files: the object's fs-verity digest
-    entries: list[Entry] = field(default_factory=list)  # directories: sorted, with . and ..
+    """One inode of the image: the node, the first name it was found under (for messages), its
+    link count, its source xattrs converted, an external file's object digest and a directory's
+    sorted entries (with . and ..). A plain slotted class: one is built per inode."""
+
+    __slots__ = ("digest", "entries", "nlink", "node", "path", "xattrs")
+
+    def __init__(self, node: Node, path: bytes, digest: bytes | None = None) -> None:
+        self.node = node
+        self.path = path
+        self.nlink = 1
+        self.xattrs: list[XAttr] = _NO_XATTRS
+        self.digest = digest
+        self.entries: list[Entry] = _NO_ENTRIES
+
+
+# Shared by every inode without xattrs / that is not a directory: never appended to (collect
+# gives a directory its own list, and convert_xattrs returns a new one).
+_NO_XATTRS: list[XAttr] = []
+_NO_ENTRIES: list[Entry] = []
 
 
 def show(path: bytes) -> str:
@@ -86,16 +97,18 @@ def _metacopy_header(alg: HashAlg) -> bytes:
 def object_digest(path: bytes, node: Regular, alg: HashAlg) -> bytes:
     """The raw digest named by an external file's object_id, which must be canonical lowercase hex."""
     oid = node.object_id
-    try:  # lowercase hex of the digest's length: what fromhex takes back and hex() gives again
-        digest = bytes.fromhex(oid) if oid is not None and len(oid) == 2 * alg.size else b""
-    except ValueError:
-        digest = b""
-    if len(digest) != alg.size or oid != digest.hex():
-        raise TreeError(
-            f"{show(path)}: regular file of {node.size} bytes needs object_id, "
-            f"a lowercase hex {alg.label} fs-verity digest of {2 * alg.size} digits (got {oid!r})"
-        )
-    return digest
+    if oid is not None and len(oid) == 2 * alg.size:
+        try:  # lowercase hex of the digest's length: what fromhex takes back and hex() gives again
+            digest = bytes.fromhex(oid)
+        except ValueError:
+            pass
+        else:
+            if len(digest) == alg.size and oid == digest.hex():
+                return digest
+    raise TreeError(
+        f"{show(path)}: regular file of {node.size} bytes needs object_id, "
+        f"a lowercase hex {alg.label} fs-verity digest of {2 * alg.size} digits (got {oid!r})"
+    )
 
 
 def overlay_xattrs(digest: bytes, alg: HashAlg) -> list[XAttr]:
@@ -202,13 +215,15 @@ def collect(root: Directory, alg: HashAlg) -> list[FlatInode]:
             inodes[seen].nlink += 1
             continue
         index_of[id(node)] = len(inodes)
-        flat = FlatInode(node, path or b"/")
         if type(node) is Regular and node.size > INLINE_MAX:
-            flat.digest = object_digest(flat.path, node, alg)
+            flat = FlatInode(node, path, object_digest(path, node, alg))
+        else:
+            flat = FlatInode(node, path or b"/")
         if node.xattrs:
             flat.xattrs = convert_xattrs(flat.path, node)
         if type(node) is Directory:
             directories.append(len(inodes))
+            flat.entries = []
             children = node.entries
             pushed = []
             for name in sorted(children):

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from bootc_unified.erofs import format as fmt
 from bootc_unified.erofs.collect import Entry, FlatInode, collect, overlay_xattrs, show
@@ -28,6 +29,8 @@ from bootc_unified.verity import HashAlg
 
 INLINE_TAIL_MAX = fmt.BLOCK_SIZE // 2
 MAX_CHUNK_FORMAT = 31
+_NULL_CHUNK = b"\xff" * fmt.CHUNK_ENTRY  # one chunk entry: a hole (the data is the object)
+_NO_SHARED: list[int] = []  # never appended to
 
 
 @dataclass(slots=True)
@@ -47,7 +50,10 @@ class Plan:
     chunk_format: int = 0
     offset: int = 0
     start_block: int = 0
-    dir_blocks: list[list[Entry]] = field(default_factory=list)  # directories: entries per block
+    dir_blocks: Sequence[list[Entry]] = ()  # directories: entries per block
+    # Everything after the inode core, when the plan already knows it: an external file's xattr
+    # area and null chunk entries (None: write_inode assembles it).
+    body: bytes | None = None
 
     @property
     def meta_size(self) -> int:
@@ -68,7 +74,7 @@ def directory_blocks(entries: list[Entry]) -> list[list[Entry]]:
     return blocks
 
 
-def directory_size(blocks: list[list[Entry]]) -> int:
+def directory_size(blocks: Sequence[list[Entry]]) -> int:
     last = sum(fmt.DIRENT.size + len(e[0]) for e in blocks[-1])
     return (len(blocks) - 1) * fmt.BLOCK_SIZE + last
 
@@ -100,16 +106,12 @@ class XattrPlanner:
                 counts[x] += objects[digest]
         self.table = sorted(x for x, n in counts.items() if n > 1)
         self.index = {x: i for i, x in enumerate(self.table)}
+        self.own = _overlay_entries(alg)
 
     def plan(self, inode: FlatInode) -> tuple[list[int], bytes, int, int]:
         """(shared indexes, packed local xattrs, xattr area size, name filter) of one inode."""
         digest = inode.digest
-        if digest is not None and not inode.xattrs and digest not in self.shared_objects:
-            own = _overlay_entries(self.alg)
-            oid = digest.hex().encode()
-            entries = (own.metacopy_head, digest, own.between, oid[:2], b"/", oid[2:], own.tail)
-            return [], b"".join(entries), own.size, own.name_filter
-        xattrs = inode.xattrs if digest is None else overlay_xattrs(digest, self.alg) + inode.xattrs
+        xattrs = inode.xattrs if digest is None else [*overlay_xattrs(digest, self.alg), *inode.xattrs]
         if not xattrs:
             return [], b"", 0, 0
         shared: list[int] = []
@@ -131,6 +133,17 @@ class XattrPlanner:
             )
         return shared, packed, size, ~bits & 0xFFFFFFFF
 
+    def own_object_area(self, inode: FlatInode) -> bytes | None:
+        """The whole xattr area (ibody header, metacopy and redirect entries) of an external file
+        with no xattrs of its own and an object of its own (the usual case: its digest and
+        object path set into fixed bytes), else None."""
+        digest = inode.digest
+        if digest is None or inode.xattrs or digest in self.shared_objects:
+            return None
+        own = self.own
+        oid = digest.hex().encode()
+        return b"".join((own.metacopy_head, digest, own.between, oid[:2], b"/", oid[2:], own.tail))
+
 
 def xattr_entry(index: int, suffix: bytes, value: bytes) -> bytes:
     """One xattr entry as stored (inline or in the shared table), padded to 4 bytes."""
@@ -143,7 +156,7 @@ class OverlayEntries:
     """The packed metacopy + redirect entries of an external file, around its digest and object
     path: metacopy_head + digest + between + "XX" + "/" + rest of the hex digest + tail."""
 
-    metacopy_head: bytes
+    metacopy_head: bytes  # the xattr ibody header (no shared xattrs) comes first
     between: bytes
     tail: bytes
     size: int  # the xattr area: ibody header + both entries
@@ -158,14 +171,17 @@ def _overlay_entries(alg: HashAlg) -> OverlayEntries:
     m_end = fmt.XATTR_ENTRY.size + len(ms) + len(mv)  # where the digest ends
     r_start = fmt.XATTR_ENTRY.size + len(rs) + 1  # after the redirect's leading "/"
     r_end = fmt.XATTR_ENTRY.size + len(rs) + len(rv)
+    name_filter = ~(fmt.filter_bit(mi, ms) | fmt.filter_bit(ri, rs)) & 0xFFFFFFFF
+    header = fmt.XATTR_IBODY_HEADER.pack(name_filter, 0)
     entries = OverlayEntries(
-        metacopy[: m_end - alg.size],
+        header + metacopy[: m_end - alg.size],
         metacopy[m_end:] + redirect[:r_start],
         redirect[r_end:],
         fmt.XATTR_IBODY_HEADER.size + len(metacopy) + len(redirect),
-        ~(fmt.filter_bit(mi, ms) | fmt.filter_bit(ri, rs)) & 0xFFFFFFFF,
+        name_filter,
     )
-    assert entries.metacopy_head + digest + entries.between + rv[1:] + entries.tail == metacopy + redirect
+    spliced = entries.metacopy_head + digest + entries.between + rv[1:] + entries.tail
+    assert spliced == header + metacopy + redirect
     return entries
 
 
@@ -184,14 +200,23 @@ def needs_extended(inode: FlatInode, size: int, build_time: tuple[int, int]) -> 
 
 def plan_inode(inode: FlatInode, xattrs: XattrPlanner, build_time: tuple[int, int]) -> Plan:
     node = inode.node
-    shared, local, xattr_size, name_filter = xattrs.plan(inode)
     if inode.digest is not None:  # an external file: null chunks, its data is the object
         size = node.size  # type: ignore[union-attr]
-        chunked, chunks = chunk_format(size)
+        chunked, chunks = (0, 1) if size <= fmt.BLOCK_SIZE else chunk_format(size)
         extended = needs_extended(inode, size, build_time)
         inline = fmt.CHUNK_ENTRY * chunks
         layout = fmt.LAYOUT_CHUNK_BASED
+        area = xattrs.own_object_area(inode)
+        if area is not None:
+            own = xattrs.own
+            plan = Plan(
+                extended, layout, size, 0, inline, 0, _NO_SHARED, b"", own.size, own.name_filter, chunked
+            )
+            plan.body = area + (_NULL_CHUNK if chunks == 1 else b"\xff" * inline)
+            return plan
+        shared, local, xattr_size, name_filter = xattrs.plan(inode)
         return Plan(extended, layout, size, 0, inline, 0, shared, local, xattr_size, name_filter, chunked)
+    shared, local, xattr_size, name_filter = xattrs.plan(inode)
     blocks: list[list[Entry]] = []
     if isinstance(node, Directory):
         blocks = directory_blocks(inode.entries)
@@ -311,7 +336,7 @@ def content_of(inode: FlatInode, plan: Plan, plans: list[Plan]) -> bytes:
     return b""
 
 
-def directory_content(blocks: list[list[Entry]], plans: list[Plan]) -> bytes:
+def directory_content(blocks: Sequence[list[Entry]], plans: list[Plan]) -> bytes:
     parts = []
     for i, block in enumerate(blocks):
         nameoff = fmt.DIRENT.size * len(block)
@@ -371,6 +396,10 @@ def write_inode(
             0,
         )
         offset += fmt.INODE_COMPACT.size
+    body = plan.body
+    if body is not None:
+        out[offset : offset + len(body)] = body
+        return
     if plan.xattr_size:
         fmt.XATTR_IBODY_HEADER.pack_into(out, offset, plan.name_filter, len(plan.shared))
         offset += fmt.XATTR_IBODY_HEADER.size
