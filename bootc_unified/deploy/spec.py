@@ -84,6 +84,7 @@ class HostStatus:  # bootc spec.rs HostStatus
     rollback_queued: bool = False
     ty: str | None = field(default=None, metadata=rename("type"))  # never set on composefs
     usr_overlay: FilesystemOverlay | None = None
+    read_only: bool = False  # the physical root is on a read-only medium (bootc a05328f0)
 
 
 @dataclass(frozen=True)

@@ -249,6 +249,7 @@ def build(
             rollback=rollback_entry,
             other_deployments=others,
             rollback_queued=rollback_queued,
+            read_only=sysroot.on_read_only_medium(),
         ),
     )
     return StatusReport(host, problems)

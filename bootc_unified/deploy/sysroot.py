@@ -6,6 +6,7 @@ initramfs sets), or `transient:composefs=<id>` for a transient root (bootc `BC/s
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,20 @@ class Sysroot:
     @property
     def shared_var(self) -> Path:
         return self.state / "os" / "default" / "var"
+
+    def on_read_only_medium(self, sys_block: Path = Path("/sys/dev/block")) -> bool:
+        """bootc's `status.readOnly`: the physical root is mounted read-only and its block device
+        is read-only too (a live ISO). A read-only mount of a writable device is the normal
+        state of /sysroot, and a filesystem with no block device of its own (btrfs's anonymous
+        device numbers) counts as writable, as in bootc."""
+        try:
+            if not os.statvfs(self.root).f_flag & os.ST_RDONLY:
+                return False
+            dev = os.stat(self.root).st_dev
+            flag = (sys_block / f"{os.major(dev)}:{os.minor(dev)}" / "ro").read_text()
+        except OSError:
+            return False
+        return flag.strip() == "1"
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,15 @@ def test_parse_golden_gives_object(name: str) -> None:
 def test_bootc_shape() -> None:
     doc = to_dict(HOSTS["status-staged-rollback.json"])
     assert set(doc) == {"apiVersion", "kind", "metadata", "spec", "status"}
-    assert set(doc["status"]) == {"staged", "booted", "rollback", "rollbackQueued", "type", "usrOverlay"}
+    assert set(doc["status"]) == {
+        "staged",
+        "booted",
+        "rollback",
+        "rollbackQueued",
+        "type",
+        "usrOverlay",
+        "readOnly",
+    }
     assert set(doc["status"]["booted"]) == {
         "image",
         "cachedUpdate",
