@@ -238,11 +238,11 @@ BuildImage = Callable[[Repository, list[tuple[str, str]]], str]
 def create_image(repo: Repository, layers: list[tuple[str, str]]) -> str:
     """Flatten (DiffID, layer stream) pairs into a tree, write its EROFS image; returns the image ID."""
     from bootc_unified.erofs import TreeError, write_image
-    from bootc_unified.layertree import flatten
+    from bootc_unified.layertree import flattened
 
     try:
-        with gc_paused():
-            data = write_image(flatten(repo, layers), repo.alg)
+        with gc_paused(), flattened(repo, layers) as root:
+            data = write_image(root, repo.alg)
     except TreeError as e:
         raise UserError(f"image of layers {', '.join(d for d, _ in layers)}: {e}") from e
     faults.point("create-image-before-store")

@@ -16,10 +16,12 @@ lower non-directory. So does a whiteout or opaque marker in a directory no layer
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
+from bootc_unified import treecache
 from bootc_unified.cstorage.reassemble import name_parts
 from bootc_unified.cstorage.tarheader import CHARDEV, HeaderError, kind_of
 from bootc_unified.cstorage.walk import OPAQUE_MARKER, WHITEOUT_PREFIX
@@ -37,8 +39,8 @@ class LayerError(UserError):
 
 
 class Flattener:
-    def __init__(self) -> None:
-        self.root = Directory(mode=DEFAULT_DIR_MODE)
+    def __init__(self, root: Directory | None = None) -> None:
+        self.root = Directory(mode=DEFAULT_DIR_MODE) if root is None else root
         self._layer_paths: set[bytes] = set()  # paths the layer being applied has created
         # Directories already reached by path (b"a/b"), so that a layer's entries, which come
         # grouped by directory, do not walk from the root each; emptied whenever a directory
@@ -248,13 +250,38 @@ def _xattrs(pax: dict[str, bytes]) -> dict[bytes, bytes]:
     return xattrs
 
 
+def _apply_layer(flattener: Flattener, repo: Repository, diff_id: str, stream_id: str) -> None:
+    try:
+        members = layer_members(repo, diff_id, stream_id)
+    except (HeaderError, splitstream.SplitStreamError) as e:
+        raise LayerError(f"layer {diff_id}: {e}") from e
+    flattener.apply(members, diff_id)
+
+
 def flatten(repo: Repository, layers: Sequence[tuple[str, str]]) -> Directory:
     """The merged tree of `layers`, (DiffID, layer stream object ID) pairs from bottom to top."""
     flattener = Flattener()
     for diff_id, stream_id in layers:
-        try:
-            members = layer_members(repo, diff_id, stream_id)
-        except (HeaderError, splitstream.SplitStreamError) as e:
-            raise LayerError(f"layer {diff_id}: {e}") from e
-        flattener.apply(members, diff_id)
+        _apply_layer(flattener, repo, diff_id, stream_id)
     return flattener.root
+
+
+@contextlib.contextmanager
+def flattened(repo: Repository, layers: Sequence[tuple[str, str]]) -> Iterator[Directory]:
+    """flatten(), starting from the tree of the longest chain of bottom layers the tree cache
+    keeps (bootc_unified.treecache); the trees of the whole chain and of the chain without its
+    top layer are kept for the next build by forked children, waited for when the block ends."""
+    stream_ids = [stream_id for _, stream_id in layers]
+    root, start = treecache.longest_prefix(repo.path, stream_ids)
+    flattener = Flattener(root)
+    children: list[int | None] = []
+    try:
+        for i in range(start, len(layers)):
+            if i == len(layers) - 1 and i > 0 and not treecache.has(repo.path, stream_ids[:i]):
+                children.append(treecache.store_in_child(repo.path, stream_ids[:i], flattener.root))
+            _apply_layer(flattener, repo, *layers[i])
+        if start < len(layers):
+            children.append(treecache.store_in_child(repo.path, stream_ids, flattener.root))
+        yield flattener.root
+    finally:
+        treecache.reap(children)

@@ -25,7 +25,7 @@ from bootc_unified.errors import UserError
 from bootc_unified.libc import libc as load_libc
 from bootc_unified.repository import lock, splitstream
 from bootc_unified.repository.fsck import FsckReport, check_links, check_objects
-from bootc_unified.repository.gc import LAYER_CACHE, GcResult, Walker, collect
+from bootc_unified.repository.gc import LAYER_CACHE, TREE_CACHE, GcResult, Walker, collect
 from bootc_unified.repository.meta import Meta
 from bootc_unified.repository.objects import Method, ObjectResult, ObjectStore
 from bootc_unified.repository.refs import (
@@ -37,7 +37,7 @@ from bootc_unified.repository.refs import (
 )
 from bootc_unified.verity import HashAlg
 
-__all__ = ["LAYER_CACHE", "Method", "ObjectResult", "RecoverReport", "Repository", "escape_ref"]
+__all__ = ["LAYER_CACHE", "TREE_CACHE", "Method", "ObjectResult", "RecoverReport", "Repository", "escape_ref"]
 
 SUBDIRS = ("objects", "streams", "streams/refs", "images", "images/refs")
 

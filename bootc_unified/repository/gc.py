@@ -24,6 +24,9 @@ from bootc_unified.repository.refs import TMP_PREFIX, links_under, object_id_of
 
 IMAGE_NAMED_REF = "composefs.image"
 LAYER_CACHE = "cache/layers"  # parsed tar members per layer stream (bootc_unified.layerindex)
+TREE_CACHE = "cache/trees"  # flattened trees per chain of layer streams (bootc_unified.treecache)
+# A tree file starts with this line, then its chain: the layer stream IDs, space-separated.
+TREE_CACHE_MAGIC = b"bootc-unified tree 1\n"
 
 ImageObjects = Callable[[bytes], set[str]]
 
@@ -134,7 +137,35 @@ def collect(
             faults.point("repo-gc-object")
             (objects_dir / object_id[:2] / object_id[2:]).unlink(missing_ok=True)
         prune_layer_cache(repo_path / LAYER_CACHE, walker.reached)
+        prune_tree_cache(repo_path / TREE_CACHE, walker.reached)
     return result
+
+
+def prune_tree_cache(directory: Path, live: set[str]) -> None:
+    """Remove the trees whose chain names a stream not in `live`, files of another format, and
+    temporary files a crash left (no build writes one while GC holds the writer lock)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return
+    for name in names:
+        chain = tree_chain(directory / name)
+        if chain is None or not all(stream_id in live for stream_id in chain):
+            (directory / name).unlink(missing_ok=True)
+
+
+def tree_chain(path: Path) -> list[str] | None:
+    """The chain of layer streams a tree cache file is for (from its head); None for a file of
+    another format."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(TREE_CACHE_MAGIC))
+            line = f.readline(1 << 20)
+    except OSError:
+        return None
+    if head != TREE_CACHE_MAGIC or not line.endswith(b"\n"):
+        return None
+    return line[:-1].decode("ascii", "replace").split(" ")
 
 
 def prune_layer_cache(directory: Path, keep: set[str]) -> None:
