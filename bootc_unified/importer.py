@@ -36,7 +36,13 @@ from bootc_unified.repository.refs import object_id_of
 from bootc_unified.repository.stats import ImportStats
 from bootc_unified.verity import Digester
 
-IMPORT_WORKERS = min(4, (os.cpu_count() or 1) + 1)
+# Threads adding objects ahead of the stream with fs-verity (reflink and the kernel's hashing
+# release the GIL). On one CPU none: the kernel hashes on the CPU the stream's sha256 needs, and
+# threads only hand the GIL back and forth (a 1-vCPU guest spent more time in that than working).
+# BOOTC_UNIFIED_IMPORT_WORKERS sets the number (the VM tests run both ways on one vCPU).
+_CPUS = len(os.sched_getaffinity(0))
+_WORKERS = os.environ.get("BOOTC_UNIFIED_IMPORT_WORKERS", "")
+IMPORT_WORKERS = int(_WORKERS) if _WORKERS.isdigit() else min(4, _CPUS + 1) if _CPUS > 1 else 0
 # Below this many bytes of large files, worker processes cost more to start than they save.
 DIGEST_POOL_MIN_BYTES = 32 << 20
 IMAGE_REF = "composefs.image"
@@ -87,7 +93,7 @@ def import_layer(repo: Repository, layer: Layer, stats: ImportStats, zerocopy: b
     with tar-split's CRC-64s to name the file at fault. Large files
     become objects: in an insecure repository from that same fd, named by a userspace digest that
     worker processes compute ahead (a DigestPool; in this thread for a small layer); with fs-verity
-    by a few threads running ahead, the kernel hashing in the ioctls.
+    by a few threads running ahead (on one CPU, from that same fd), the kernel hashing in the ioctls.
     """
     label = layer.label
     layer.check_complete()
@@ -182,17 +188,17 @@ def _stream_verity(
     zerocopy: bool,
 ) -> None:
     """The stream in order; objects added by a small thread pool running ahead (reflink and the
-    kernel's verity hashing release the GIL)."""
-    pool = ThreadPoolExecutor(max_workers=IMPORT_WORKERS)
+    kernel's verity hashing release the GIL), or on one CPU here, from the fd just hashed."""
+    pool = ThreadPoolExecutor(max_workers=IMPORT_WORKERS) if IMPORT_WORKERS else None
     try:
-        added = pool.map(lambda item: _add_object(repo, item[0], zerocopy), large)
+        added = None if pool is None else pool.map(lambda item: _add_object(repo, item[0], zerocopy), large)
         for item in items:
             if isinstance(item, Segment):
                 writer.write_inline(item.data)
                 hasher.segment(item.data)
                 continue
             entry, path, where = item
-            fd, _st = open_entry(path, entry, where)
+            fd, st = open_entry(path, entry, where)
             try:
                 if entry.size <= INLINE_MAX:
                     data = bytearray()
@@ -201,7 +207,10 @@ def _stream_verity(
                 else:
                     hasher.file_fd(fd, os.fsdecode(path), entry, where)
                     try:
-                        result = next(added)
+                        if added is None:
+                            result = repo.objects.ensure_object_from_fd(fd, st, path, zerocopy)
+                        else:
+                            result = next(added)
                     except UserError as e:
                         raise UserError(f"{where}: {e}") from e
                     if result.size != entry.size:
@@ -214,7 +223,8 @@ def _stream_verity(
                 os.close(fd)
             faults.point("import-layer-entry")
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # on an error, add no further objects
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)  # on an error, add no further objects
 
 
 def _add_object(repo: Repository, path: bytes, zerocopy: bool) -> ObjectResult:
