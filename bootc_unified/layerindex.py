@@ -14,17 +14,15 @@ repository.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import marshal
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import zstandard
 
+from bootc_unified import cachefile
 from bootc_unified.cstorage.tarheader import BLOCK, HeaderError, kind_of, parse_header, parse_number
 from bootc_unified.erofs.tree import INLINE_MAX
 from bootc_unified.repository import LAYER_CACHE, Repository, splitstream
@@ -180,18 +178,4 @@ def store(repo_path: Path, stream_id: str, diff_id: str, members: list[Member]) 
     except ValueError:  # not a hex object ID: nothing to cache (flattening will say what is wrong)
         return
     payload = zstandard.ZstdCompressor(level=1).compress(marshal.dumps((diff_id, records), 4))
-    directory = repo_path / LAYER_CACHE
-    try:
-        directory.parent.mkdir(exist_ok=True, mode=0o700)  # root only, as objects/
-        directory.mkdir(exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(MAGIC + hashlib.sha256(payload).digest() + payload)
-            os.replace(tmp, directory / stream_id)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-    except OSError:
-        pass
+    cachefile.write(repo_path / LAYER_CACHE, stream_id, MAGIC + hashlib.sha256(payload).digest() + payload)

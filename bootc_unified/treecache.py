@@ -27,12 +27,12 @@ from typing import Any
 
 import zstandard
 
+from bootc_unified import cachefile
 from bootc_unified.erofs.tree import Device, Directory, Fifo, InodeMeta, Node, Regular, Socket, Symlink
 from bootc_unified.repository import TREE_CACHE
 from bootc_unified.repository.gc import TREE_CACHE_MAGIC
 
 MAGIC = TREE_CACHE_MAGIC
-TMP_PREFIX = ".tmp-"
 _DIGEST = 32
 _DIR, _REG, _LNK, _DEV, _FIFO, _SOCK, _SEEN = range(7)
 
@@ -202,24 +202,8 @@ def store(repo_path: Path, stream_ids: Sequence[str], root: Directory) -> None:
         payload = zstandard.ZstdCompressor(level=1).compress(marshal.dumps(encode(root), 4))
     except (ValueError, TypeError):
         return
-    directory = repo_path / TREE_CACHE
-    try:
-        directory.parent.mkdir(exist_ok=True, mode=0o700)  # root only, as objects/
-        directory.mkdir(exist_ok=True, mode=0o700)
-        # Not tempfile: this runs in a forked child, where a module lock another thread of the
-        # parent held at the fork would never be released.
-        tmp = directory / f"{TMP_PREFIX}{os.getpid()}-{os.urandom(6).hex()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(MAGIC + chain_line(stream_ids) + b"\n" + hashlib.sha256(payload).digest() + payload)
-            os.replace(tmp, _path(repo_path, stream_ids))
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-    except OSError:
-        pass
+    head = MAGIC + chain_line(stream_ids) + b"\n" + hashlib.sha256(payload).digest()
+    cachefile.write(repo_path / TREE_CACHE, _path(repo_path, stream_ids).name, head + payload)
 
 
 def store_in_child(repo_path: Path, stream_ids: Sequence[str], root: Directory) -> int | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bootc_unified import treecache
+from bootc_unified import cachefile, treecache
 from bootc_unified.erofs import write_image
 from bootc_unified.erofs.tree import Device, Directory, Fifo, Regular, Socket, Symlink
 from bootc_unified.importer import layer_content_id
@@ -122,7 +122,7 @@ def test_gc_drops_the_trees_of_broken_chains_only(repo: Repository) -> None:
     build(repo, [kept, dropped])
     repo.set_stream_ref("kept", layer_content_id(kept[0]))
     trees = repo.path / TREE_CACHE
-    (trees / f"{treecache.TMP_PREFIX}crashed").write_bytes(b"half")
+    (trees / f"{cachefile.TMP_PREFIX}crashed").write_bytes(b"half")
     (trees / "foreign").write_bytes(b"not a tree")
     assert len(list(trees.iterdir())) == 4
     result = repo.gc()
