@@ -75,27 +75,38 @@ PRUNED = ("disks", "installed", "rootfs")
 PRUNE_MIN_AGE = 3 * 3600.0
 
 
+def _mtime(paths: list[Path]) -> float | None:
+    """When this key was built (its newest file), or None if another process removed it meanwhile."""
+    try:
+        return max(p.stat().st_mtime for p in paths)
+    except FileNotFoundError:
+        return None
+
+
 def prune(keep: int = 2, names: tuple[str, ...] = PRUNED, min_age: float = PRUNE_MIN_AGE) -> list[Path]:
     """Delete all but the `keep` newest keys of each group in these cache subdirectories (newest by
     mtime: when the entry was built), except keys built within `min_age` seconds; returns what was
     deleted. The age spares what concurrent runs of other source trees (a developer's worktrees,
-    parallel sessions) are using: a VM restarted on a reboot opens its base disk again."""
+    parallel sessions) are using: a VM restarted on a reboot opens its base disk again. Concurrent
+    prunes (parallel pytest runs) take turns on a lock, so each entry is deleted once."""
     removed = []
-    for name in names:
-        directory = cache_dir() / name
-        if not directory.is_dir():
-            continue
-        groups: dict[str, dict[str, list[Path]]] = {}
-        for path in directory.iterdir():
-            m = _KEYED.match(path.name)
-            if m and path.is_file():
-                groups.setdefault(m["group"] or "", {}).setdefault(m["key"], []).append(path)
-        for keys in groups.values():
-            newest = sorted(keys, key=lambda k: max(p.stat().st_mtime for p in keys[k]), reverse=True)
-            for key in newest[keep:]:
-                if time.time() - max(p.stat().st_mtime for p in keys[key]) < min_age:
-                    continue
-                for path in keys[key]:
-                    path.unlink(missing_ok=True)
-                    removed.append(path)
+    with file_lock("prune"):
+        for name in names:
+            directory = cache_dir() / name
+            if not directory.is_dir():
+                continue
+            groups: dict[str, dict[str, list[Path]]] = {}
+            for path in directory.iterdir():
+                m = _KEYED.match(path.name)
+                if m and path.is_file():
+                    groups.setdefault(m["group"] or "", {}).setdefault(m["key"], []).append(path)
+            for keys in groups.values():
+                built = {key: t for key, paths in keys.items() if (t := _mtime(paths)) is not None}
+                newest = sorted(built, key=built.__getitem__, reverse=True)
+                for key in newest[keep:]:
+                    if time.time() - built[key] < min_age:
+                        continue
+                    for path in keys[key]:
+                        path.unlink(missing_ok=True)
+                        removed.append(path)
     return removed

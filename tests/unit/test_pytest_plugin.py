@@ -6,6 +6,7 @@ exit status and its own report of what it collected.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ def collect(tmp_path: Path, body: str, *args: str) -> subprocess.CompletedProces
     return subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
         cwd=tmp_path,
+        env={**os.environ, "BOOTC_UNIFIED_CACHE": str(tmp_path / "cache")},  # not ours to prune
         capture_output=True,
         text=True,
         timeout=120,
