@@ -23,7 +23,14 @@ from typing import NamedTuple
 import zstandard
 
 from bootc_unified import cachefile
-from bootc_unified.cstorage.tarheader import BLOCK, HeaderError, kind_of, parse_header, parse_number
+from bootc_unified.cstorage.tarheader import (
+    BLOCK,
+    HeaderError,
+    kind_of,
+    parse_header,
+    parse_number,
+    parse_plain,
+)
 from bootc_unified.erofs.tree import INLINE_MAX
 from bootc_unified.repository import LAYER_CACHE, Repository, splitstream
 
@@ -109,31 +116,40 @@ def tar_members(chunks: Iterable[bytes | str]) -> Iterator[Member]:
         block = reader.read(BLOCK)
         if block is None or block == _ZERO_BLOCK:
             return
-        chain = bytearray(block)
-        while block[156:157] in _EXTENSION_TYPES:
-            size = parse_number(block[124:136])
-            payload = reader.read(-(-size // BLOCK) * BLOCK)
-            block = reader.read(BLOCK)
-            if payload is None or block is None:
-                raise HeaderError("stream ends inside an extended header")
-            chain += payload + block
-        header = parse_header(bytes(chain), global_pax)
+        plain = None if global_pax or block[156:157] in _EXTENSION_TYPES else parse_plain(block)
+        if plain is not None:  # most members: one header block, parsed on the fast path
+            name, typeflag, mode, uid, gid, size, mtime, linkname, devmajor, devminor = plain
+            mtime_nsec, xattrs = 0, {}
+        else:
+            chain = bytearray(block)
+            while block[156:157] in _EXTENSION_TYPES:
+                extension = parse_number(block[124:136])
+                payload = reader.read(-(-extension // BLOCK) * BLOCK)
+                block = reader.read(BLOCK)
+                if payload is None or block is None:
+                    raise HeaderError("stream ends inside an extended header")
+                chain += payload + block
+            h = parse_header(bytes(chain), global_pax)
+            name, typeflag, mode, uid, gid, size, mtime, mtime_nsec = (
+                h.name, h.typeflag, h.mode, h.uid, h.gid, h.size, h.mtime, h.mtime_nsec,
+            )  # fmt: skip
+            linkname, devmajor, devminor, xattrs = h.linkname, h.devmajor, h.devminor, h.xattrs
         data: bytes | None = None
         object_id: str | None = None
-        if header.kind == "file" and header.size > 0:
-            if header.size > INLINE_MAX:
+        is_file = kind_of(typeflag) == "file"
+        if is_file and size > 0:
+            if size > INLINE_MAX:
                 object_id = reader.read_external()
             else:
-                data = reader.read(header.size)
+                data = reader.read(size)
                 if data is None:
                     raise HeaderError("stream ends inside file content")
-        padding = -header.size % BLOCK if header.kind == "file" else 0
+        padding = -size % BLOCK if is_file else 0
         if padding and reader.read(padding) is None:
             raise HeaderError("stream ends inside file padding")
-        h = header
         yield Member(
-            h.name, h.typeflag, h.mode, h.uid, h.gid, h.size, h.mtime, h.mtime_nsec, h.linkname,
-            h.devmajor, h.devminor, h.xattrs, data, object_id,
+            name, typeflag, mode, uid, gid, size, mtime, mtime_nsec, linkname, devmajor, devminor, xattrs,
+            data, object_id,
         )  # fmt: skip
 
 

@@ -363,3 +363,81 @@ def test_crcmod_backend_equals_fastcrc() -> None:
     data = os.urandom(100_000)
     assert other(data, None) == crc64_iso(data)
     assert other(data[50_000:], other(data[:50_000], None)) == crc64_iso(data)
+
+
+def _with_checksum(block: bytearray) -> bytes:
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def test_parse_plain_agrees_with_parse_header() -> None:
+    """The fast path for one-block headers (layerindex) reads what parse_header reads, or declines.
+    Oracle: parse_header (checked against tarfile above) on the same blocks, among them blocks with
+    numbers and names spelt every way the field syntax allows (NULs, spaces, base-256, junk)."""
+    import random
+
+    from bootc_unified.cstorage.tarheader import HeaderError, parse_header, parse_plain
+
+    blocks = []
+    for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT):
+        tar = _members(
+            fmt,
+            [
+                _ti("p" * 80 + "/" + "q" * 90, size=3, uid=7, gid=8, mode=0o4751),
+                _ti("dev", tarfile.CHRTYPE, devmajor=4, devminor=64, mode=0o620),
+                _ti("dir/", tarfile.DIRTYPE, mode=0o1777),
+                _ti("lnk", tarfile.SYMTYPE, linkname="target"),
+            ],
+        )
+        blocks += [
+            tar[i : i + 512]
+            for i in range(0, len(tar), 512)
+            if tar[i + 257 : i + 262] == b"ustar" and tar[i + 156 : i + 157] not in b"xgLK"
+        ]
+    spellings = [b"0000644\0", b"644     ", b"   644\0\0", b"\0" * 8, b" " * 8, b"\0 644\0\0\0", b"64\0 4\0\0\0",
+                 b"644\0 \0\0\0", b"0o644\0\0\0", b"\x80\0\0\0\0\0\x01\xa4", b"+644\0\0\0\0", b"6_44\0\0\0\0",
+                 b"9\0\0\0\0\0\0\0", b"\t644\n\0\0\0"]  # fmt: skip
+    fields = [(100, 108), (108, 116), (116, 124), (329, 337), (337, 345)]
+    rng = random.Random(13)
+    checked = declined = 0
+    for base in blocks:
+        for _ in range(200):
+            block = bytearray(base)
+            for _ in range(rng.randint(1, 3)):
+                start, end = rng.choice(fields)
+                block[start:end] = rng.choice(spellings)
+            if rng.random() < 0.2:
+                block[345:350] = rng.choice([b"\0abcd", b"pre\0x", b"     "])
+            if rng.random() < 0.2:  # the name and the link name end at the first NUL
+                block[0:100] = rng.choice([b"a\0junk", b"a" * 100, b"\0b"]).ljust(100, b"\0")
+                block[157:257] = rng.choice([b"t\0junk", b"t" * 100, b""]).ljust(100, b"\0")
+            raw = _with_checksum(block)
+            plain = parse_plain(raw)
+            try:
+                h = parse_header(raw, {})
+            except HeaderError:
+                assert plain is None
+                declined += 1
+                continue
+            if plain is None:
+                declined += 1
+                continue
+            want = (
+                h.name,
+                h.typeflag,
+                h.mode,
+                h.uid,
+                h.gid,
+                h.size,
+                h.mtime,
+                h.linkname,
+                h.devmajor,
+                h.devminor,
+            )
+            assert plain == want, bytes(block)
+            checked += 1
+    assert checked > 500 and declined > 100  # both ways taken
+    bad = bytearray(blocks[0])
+    bad[0] ^= 1
+    assert parse_plain(bytes(bad)) is None  # a bad checksum is parse_header's to report
