@@ -120,11 +120,14 @@ def import_layer(repo: Repository, layer: Layer, stats: ImportStats, zerocopy: b
     # Debian's crcmod, costs four times the sha256).
     hasher = StreamHasher(None, check_crc=False)
     if repo.insecure:
-        if sum(size for _, size in large) >= DIGEST_POOL_MIN_BYTES:
-            with DigestPool(repo.alg) as digests:
-                _stream_insecure(repo, items, digests.map(large), writer, hasher, stats, zerocopy)
-        else:
-            _stream_insecure(repo, items, None, writer, hasher, stats, zerocopy)
+        # Objects named before they are added: whether each exists comes from one listing of the
+        # repository's objects where the layer has enough of them to pay for it.
+        with repo.objects.listed(len(large)):
+            if sum(size for _, size in large) >= DIGEST_POOL_MIN_BYTES:
+                with DigestPool(repo.alg) as digests:
+                    _stream_insecure(repo, items, digests.map(large), writer, hasher, stats, zerocopy)
+            else:
+                _stream_insecure(repo, items, None, writer, hasher, stats, zerocopy)
     else:
         _stream_verity(repo, items, large, writer, hasher, stats, zerocopy)
     digest = "sha256:" + hasher.sha.hexdigest()

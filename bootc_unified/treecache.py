@@ -32,7 +32,6 @@ from bootc_unified.erofs.tree import Device, Directory, Fifo, InodeMeta, Node, R
 from bootc_unified.repository import TREE_CACHE
 from bootc_unified.repository.gc import TREE_CACHE_MAGIC
 
-MAGIC = TREE_CACHE_MAGIC
 _DIGEST = 32
 _DIR, _REG, _LNK, _DEV, _FIFO, _SOCK, _SEEN = range(7)
 
@@ -168,8 +167,8 @@ def load(repo_path: Path, stream_ids: Sequence[str]) -> Directory | None:
     except OSError:
         return None
     line = chain_line(stream_ids) + b"\n"
-    head = len(MAGIC) + len(line)
-    if raw[: len(MAGIC)] != MAGIC or raw[len(MAGIC) : head] != line:
+    head = len(TREE_CACHE_MAGIC) + len(line)
+    if raw[: len(TREE_CACHE_MAGIC)] != TREE_CACHE_MAGIC or raw[len(TREE_CACHE_MAGIC) : head] != line:
         return None
     digest, payload = raw[head : head + _DIGEST], raw[head + _DIGEST :]
     if hashlib.sha256(payload).digest() != digest:
@@ -184,10 +183,9 @@ def longest_prefix(repo_path: Path, stream_ids: Sequence[str]) -> tuple[Director
     """(the tree, number of layers it covers) of the longest chain of `stream_ids`' bottom layers
     kept here; (None, 0) when none is."""
     for n in range(len(stream_ids), 0, -1):
-        if _path(repo_path, stream_ids[:n]).is_file():
-            tree = load(repo_path, stream_ids[:n])
-            if tree is not None:
-                return tree, n
+        tree = load(repo_path, stream_ids[:n])  # a missing file is None too: no stat first
+        if tree is not None:
+            return tree, n
     return None, 0
 
 
@@ -202,7 +200,7 @@ def store(repo_path: Path, stream_ids: Sequence[str], root: Directory) -> None:
         payload = zstandard.ZstdCompressor(level=1).compress(marshal.dumps(encode(root), 4))
     except (ValueError, TypeError):
         return
-    head = MAGIC + chain_line(stream_ids) + b"\n" + hashlib.sha256(payload).digest()
+    head = TREE_CACHE_MAGIC + chain_line(stream_ids) + b"\n" + hashlib.sha256(payload).digest()
     cachefile.write(repo_path / TREE_CACHE, _path(repo_path, stream_ids).name, head + payload)
 
 

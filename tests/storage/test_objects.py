@@ -193,3 +193,34 @@ def test_objects_dir_is_private(loopfs: LoopFs) -> None:
     [out] = add(repo, src)
     assert os.stat(object_path(repo, str(out["object_id"]))).st_mode & 0o4000
     assert stat.S_IMODE(os.stat(repo / "objects").st_mode) == 0o700
+
+
+@pytest.mark.fs("btrfs", "xfs")
+def test_listed_store_knows_what_exists(loopfs: LoopFs) -> None:
+    """Within ObjectStore.listed() (an import of a large layer), whether an object exists comes from
+    one listing, where the layer adds enough objects to pay for it: objects from before it, objects
+    added within it and a leftover a power cut emptied must each be told apart, listed or not.
+    Oracles: `fsverity digest` of the sources, the bytes in objects/."""
+    from bootc_unified.repository import Method, Repository
+
+    repo = Repository.init(loopfs.path / "composefs", insecure=True)
+    for round_, (adding, listing) in enumerate([(4, True), (4, False)]):
+        if not listing:  # a repository with 300 objects more than a layer of 4 should list
+            for i in range(300):
+                repo.objects.ensure_object(b"%d" % i * 100)
+        before, new, emptied = (loopfs.path / f"{name}-{round_}" for name in ("before", "new", "emptied"))
+        for src in (before, new, emptied):
+            src.write_bytes(os.urandom(70_000))
+        assert repo.objects.ensure_object_from_file(before, zerocopy_only=True).method is Method.REFLINKED
+        leftover = object_path(repo.path, fsverity_digest(emptied))
+        leftover.parent.mkdir(exist_ok=True)
+        leftover.write_bytes(b"")  # named, its data lost
+        with repo.objects.listed(adding):
+            assert (repo.objects._known is not None) is listing  # the decision (white box)
+            methods = [
+                repo.objects.ensure_object_from_file(p, zerocopy_only=True).method
+                for p in (before, new, new, emptied)
+            ]
+        assert methods == [Method.PRESENT, Method.REFLINKED, Method.PRESENT, Method.REFLINKED]
+        for src in (before, new, emptied):
+            assert object_path(repo.path, fsverity_digest(src)).read_bytes() == src.read_bytes()

@@ -16,6 +16,7 @@ from bootc_unified.erofs.tree import Device, Directory, Fifo, Regular, Socket, S
 from bootc_unified.importer import layer_content_id
 from bootc_unified.layertree import flatten, flattened
 from bootc_unified.repository import TREE_CACHE, Repository
+from bootc_unified.repository.gc import TREE_CACHE_MAGIC
 from testsupport.tarlayer import entry, layer_from_tar, make_tar
 
 LOWER = make_tar(
@@ -109,7 +110,7 @@ def test_a_damaged_tree_file_is_a_miss(repo: Repository, tmp_path: Path, damage:
             "flipped": raw[:-1] + bytes([raw[-1] ^ 1]),
             "empty": b"",
             "other-chain": other,
-            "other-format": b"bootc-unified tree 0\n" + raw[len(treecache.MAGIC) :],
+            "other-format": b"bootc-unified tree 0\n" + raw[len(TREE_CACHE_MAGIC) :],
         }[damage]
     )
     assert treecache.load(repo.path, chain(layers)) is None
