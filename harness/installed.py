@@ -26,8 +26,9 @@ from harness.cache import digest, file_lock, subdir
 from harness.vm import Machine
 
 TARGET_SIZE = "16G"
-# The installed system's console must reach the harness (its checks read the serial log).
-KARGS = ("console=ttyS0,115200", "systemd.journald.forward_to_console=0")
+# The installed system's console must reach the harness (its checks read the serial log);
+# no_timer_check as for the base disks (harness/disks.py).
+KARGS = ("console=ttyS0,115200", "systemd.journald.forward_to_console=0", "no_timer_check")
 # Names every installed system and scenario uses for the test registry (RFC 2606 reserves .test).
 TEST_REGISTRY = "bootc-unified.test"
 MAPPING_CONF = "/etc/containers/registries.conf.d/60-bootc-unified-test.conf"
@@ -129,7 +130,7 @@ def run_install(installer: Machine, ref: str, fs: str, unified: bool, registry_a
 def _path(image_id: str, fs: str, unified: bool) -> Path:
     mode = "unified" if unified else "direct"
     # v2: origins and store names are bootc-unified.test/... (--target-imgref), not a session's port
-    key = digest("installed-v2", image_id, fs, mode)
+    key = digest("installed-v2", image_id, fs, mode, *KARGS)
     return subdir("installed") / f"{fs}-{mode}-{key}.qcow2"
 
 
